@@ -1,0 +1,1 @@
+//! modlog (in progress).

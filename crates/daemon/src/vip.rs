@@ -1,0 +1,1 @@
+//! vip (in progress).
