@@ -1,1 +1,0 @@
-//! modlog (in progress).

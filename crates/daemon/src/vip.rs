@@ -1,1 +1,0 @@
-//! vip (in progress).
