@@ -2,10 +2,17 @@
 #![forbid(unsafe_code)]
 
 mod io;
+mod module;
+mod node;
+mod policy;
 mod settings;
+mod status;
 mod time;
 
 pub use io::*;
 pub use settings::*;
 pub use tandem_proto::{Claim, ModuleSnapshot, NodeSnapshot, State};
+pub use node::Node;
+pub use policy::{Candidate, Preference, loses_split_brain, prefer};
+pub use status::{ModuleStatus, NodeStatus, PeerStatus, TransitionRecord};
 pub use time::Time;

@@ -160,6 +160,7 @@ mod tests {
         NodeSnapshot {
             node: "node1".into(),
             incarnation: 7,
+            seq: 1,
             modules: vec![ModuleSnapshot {
                 name: "demo".into(),
                 state: State::Prim,
@@ -171,6 +172,7 @@ mod tests {
                 grant_to: None,
                 swap_counter: 0,
                 last_primary: true,
+                synced_epoch: 0,
             }],
         }
     }

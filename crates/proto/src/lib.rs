@@ -139,6 +139,9 @@ pub struct ModuleSnapshot {
     pub swap_counter: u64,
     /// The node was primary the last time it stopped or is primary now (`default_primary = last`).
     pub last_primary: bool,
+    /// For a secondary: the primary epoch its data was last synchronised with (0 = none). A
+    /// primary counts its peer as an up-to-date secondary only when this equals its own epoch.
+    pub synced_epoch: u64,
 }
 
 /// A node's full snapshot.
@@ -148,6 +151,9 @@ pub struct NodeSnapshot {
     pub node: String,
     /// Identifies one run of the daemon; strictly increases across restarts of a node.
     pub incarnation: u64,
+    /// Increases with every new snapshot of one incarnation, so that the receiver keeps the
+    /// newest when snapshots arrive out of order over several networks.
+    pub seq: u64,
     /// Every configured module.
     pub modules: Vec<ModuleSnapshot>,
 }

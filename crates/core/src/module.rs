@@ -1,0 +1,913 @@
+//! The module automaton (spec §3; SafeKit's automaton and script order, `safekit.md` §1.2–1.5 and
+//! §3.3).
+//!
+//! A module changes state by running a *plan*: a short list of steps (scripts, VIP moves, data
+//! synchronisation, internal bookkeeping) carried out one at a time. External steps become
+//! effects and the plan resumes when the adapter reports [`crate::Input::StepDone`]. When no plan
+//! runs, [`Module::decide`] looks at the module, the peer and the policies and plans the next
+//! transition, if any.
+//!
+//! Safety rests on three rules:
+//! - the primary role (writes allowed) is taken only with the peer's grant while the peer is
+//!   reachable, or alone when it is not and the local data is up to date (or the operator forced
+//!   it);
+//! - a node grants only while it does not hold the primary role, and does not take it while its
+//!   grant stands;
+//! - the claim about the local data is persisted before the role that justifies it is used.
+
+use std::collections::VecDeque;
+
+use tandem_proto::{Claim, ModuleSnapshot, State};
+
+use crate::io::{Action, Effect, Level, ModuleId, Outcome, Persisted, Script, StepId};
+use crate::node::{claim_after_leaving_primary, preference_reason, starts_app};
+use crate::policy::{self, Candidate, Context, Preference};
+use crate::settings::ModuleSettings;
+use crate::status::TransitionRecord;
+use crate::time::Time;
+
+/// What the operator asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Goal {
+    /// Stopped (or stopping).
+    Stopped,
+    /// Running; the rules choose the role.
+    Run,
+    /// Running, forced primary (`tandem prim`).
+    ForcePrim,
+    /// Running, forced secondary (`tandem second`).
+    ForceSecond,
+}
+
+/// One step of a plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Run a user script.
+    Script { script: Script, current: State, next: State, action: Action, force: bool },
+    /// Add and announce the VIPs.
+    AcquireVips,
+    /// Remove the VIPs.
+    ReleaseVips,
+    /// Bring the data up to date from the primary.
+    SyncData,
+    /// Set the visible state.
+    Enter { state: State, ready: bool },
+    /// Change the claim and persist it.
+    SetClaim(Claim),
+    /// Stop accepting writes and leave the primary role; the claim becomes `Shared` if the peer
+    /// is an up-to-date secondary at that moment.
+    Fence,
+    /// Accept writes (the primary role is already held).
+    Unfence,
+    /// Hand the primary role to the peer (swap).
+    GrantPeer,
+    /// Wait until the peer holds the primary role (swap), or is gone.
+    AwaitPeerPrimary,
+    /// The module is synchronised with the current primary.
+    MarkSynced,
+    /// Record a finished transition.
+    Finish { from: State, to: State, reason: String },
+}
+
+impl Step {
+    /// A short description for the status.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Step::Script { script, force, .. } => {
+                format!("script {}{}", script.file_name(), if *force { " (force)" } else { "" })
+            }
+            Step::AcquireVips => "adding virtual IPs".into(),
+            Step::ReleaseVips => "removing virtual IPs".into(),
+            Step::SyncData => "synchronising data".into(),
+            Step::AwaitPeerPrimary => "waiting for the peer to take the primary role".into(),
+            other => format!("{other:?}"),
+        }
+    }
+}
+
+/// Facts about the peer that plan steps need when they run.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct PeerFacts {
+    /// The peer is alive and runs the module.
+    pub running: bool,
+    /// The peer holds the primary role.
+    pub primary: bool,
+    /// The peer is a secondary synchronised with our current epoch.
+    pub second_in_sync: bool,
+    /// The peer's incarnation.
+    pub incarnation: Option<u64>,
+    /// The peer's epoch.
+    pub epoch: u64,
+}
+
+/// One module on the local node.
+#[derive(Clone, Debug)]
+pub(crate) struct Module {
+    pub id: ModuleId,
+    pub settings: ModuleSettings,
+    pub state: State,
+    pub ready: bool,
+    /// Holds or is entering the primary role: writes may be allowed.
+    pub primary_role: bool,
+    pub record: Persisted,
+    pub goal: Goal,
+    pub plan: VecDeque<Step>,
+    pub current: Option<(StepId, Step)>,
+    pub want_primary: bool,
+    pub grant_to: Option<u64>,
+    pub handing_over: bool,
+    pub swap_counter: u64,
+    pub peer_swap_seen: Option<u64>,
+    pub local_swap: bool,
+    pub hold: Option<String>,
+    pub wait_reason: Option<String>,
+    pub started_at: Option<Time>,
+    pub link_up: bool,
+    /// The application script that ran last without its stop (start_prim or start_second).
+    pub app: Option<Script>,
+    pub vip_held: bool,
+    /// Epoch of the primary this node's data was last synchronised with (as a secondary).
+    pub synced_epoch: u64,
+    pub last_transition: Option<TransitionRecord>,
+}
+
+impl Module {
+    pub(crate) fn new(id: ModuleId, settings: ModuleSettings, record: Persisted) -> Module {
+        Module {
+            id,
+            settings,
+            state: State::Stop,
+            ready: true,
+            primary_role: false,
+            record,
+            goal: Goal::Stopped,
+            plan: VecDeque::new(),
+            current: None,
+            want_primary: false,
+            grant_to: None,
+            handing_over: false,
+            swap_counter: 0,
+            peer_swap_seen: None,
+            local_swap: false,
+            hold: None,
+            wait_reason: None,
+            started_at: None,
+            link_up: true,
+            app: None,
+            vip_held: false,
+            synced_epoch: 0,
+            last_transition: None,
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> ModuleSnapshot {
+        ModuleSnapshot {
+            name: self.settings.name.clone(),
+            state: self.state,
+            ready: self.ready,
+            primary_role: self.primary_role,
+            claim: self.record.claim,
+            epoch: self.record.epoch,
+            want_primary: self.want_primary,
+            grant_to: self.grant_to,
+            swap_counter: self.swap_counter,
+            last_primary: self.record.last_primary,
+            synced_epoch: self.synced_epoch,
+        }
+    }
+
+    /// Everything that, when changed, means progress (used to bound the settle loop).
+    pub(crate) fn fingerprint(&self) -> (ModuleSnapshot, Goal, usize, Option<StepId>, bool) {
+        (
+            self.snapshot(),
+            self.goal,
+            self.plan.len(),
+            self.current.as_ref().map(|(id, _)| *id),
+            self.hold.is_some(),
+        )
+    }
+
+    fn persist(&self, effects: &mut Vec<Effect>) {
+        effects.push(Effect::Persist { module: self.id, record: self.record.clone() });
+    }
+
+    /// Leaves the primary role at once: writes are refused from now on.
+    pub(crate) fn fence(&mut self, effects: &mut Vec<Effect>) {
+        if self.primary_role {
+            self.primary_role = false;
+            effects.push(Effect::SetWritable { module: self.id, writable: false });
+        }
+    }
+
+    /// Takes the primary role: new epoch, exclusive claim, persisted before anything else.
+    fn commit_primary(&mut self, peer_max_epoch: u64, effects: &mut Vec<Effect>) {
+        self.primary_role = true;
+        self.want_primary = false;
+        self.local_swap = false;
+        self.record.epoch = self.record.epoch.max(peer_max_epoch) + 1;
+        self.record.claim = Claim::Exclusive;
+        self.record.last_primary = true;
+        self.synced_epoch = 0;
+        self.persist(effects);
+    }
+
+    // ----- grants --------------------------------------------------------------------------
+
+    pub(crate) fn update_grant(
+        &mut self,
+        peer: Option<&ModuleSnapshot>,
+        peer_incarnation: Option<u64>,
+        local_name: &str,
+        peer_name: &str,
+        logs: &mut Vec<(Level, String)>,
+    ) {
+        let (Some(peer), Some(incarnation)) = (peer, peer_incarnation) else {
+            if self.grant_to.take().is_some() {
+                self.handing_over = false;
+            }
+            return;
+        };
+        if let Some(granted) = self.grant_to {
+            let released = !peer.want_primary && !peer.primary_role && !self.handing_over;
+            if granted != incarnation || released {
+                self.grant_to = None;
+                self.handing_over = false;
+            }
+        }
+        if self.grant_to.is_none() && peer.want_primary && !self.primary_role {
+            let local_wins = self.want_primary
+                && (self.goal == Goal::ForcePrim
+                    || policy::prefer(
+                        Candidate {
+                            name: local_name,
+                            claim: self.record.claim,
+                            last_primary: self.record.last_primary,
+                        },
+                        Candidate {
+                            name: peer_name,
+                            claim: peer.claim,
+                            last_primary: peer.last_primary,
+                        },
+                        &self.settings.default_primary,
+                    ) == Preference::Local);
+            if !local_wins {
+                self.want_primary = false;
+                self.grant_to = Some(incarnation);
+                logs.push((Level::Info, format!("agreed that {peer_name} takes the primary role")));
+            }
+        }
+    }
+
+    // ----- decisions -----------------------------------------------------------------------
+
+    /// Plans the next transition, if any. Called only when no plan runs.
+    pub(crate) fn peer_facts(&self, context: &Context<'_>) -> PeerFacts {
+        match context.peer {
+            None => PeerFacts::default(),
+            Some(peer) => PeerFacts {
+                running: true,
+                primary: peer.primary_role,
+                second_in_sync: peer.state == State::Second
+                    && peer.ready
+                    && peer.synced_epoch == self.record.epoch
+                    && self.primary_role,
+                incarnation: context.peer_incarnation,
+                epoch: peer.epoch,
+            },
+        }
+    }
+
+    pub(crate) fn decide(
+        &mut self,
+        context: &Context<'_>,
+        logs: &mut Vec<(Level, String)>,
+        effects: &mut Vec<Effect>,
+    ) {
+        let facts = self.peer_facts(context);
+        if self.goal == Goal::Stopped {
+            if self.state != State::Stop {
+                self.want_primary = false;
+                self.plan_stop(false, Action::Stop, "stop requested", facts);
+            }
+            return;
+        }
+        match self.state {
+            State::Stop => self.plan_start(),
+            State::Wait => self.decide_wait(context, logs, effects),
+            State::Alone | State::Prim => self.decide_primary(context, facts, logs),
+            State::Second => self.decide_second(context, facts, logs, effects),
+        }
+    }
+
+    fn set_waiting(&mut self, reason: String, logs: &mut Vec<(Level, String)>) {
+        if self.wait_reason.as_deref() != Some(reason.as_str()) {
+            logs.push((Level::Info, format!("waiting: {reason}")));
+            self.wait_reason = Some(reason);
+        }
+    }
+
+    fn decide_wait(
+        &mut self,
+        context: &Context<'_>,
+        logs: &mut Vec<(Level, String)>,
+        effects: &mut Vec<Effect>,
+    ) {
+        if let Some(hold) = self.hold.clone() {
+            self.want_primary = false;
+            self.set_waiting(hold, logs);
+            return;
+        }
+        if !self.link_up {
+            self.want_primary = false;
+            self.set_waiting("the VIP interface is down".into(), logs);
+            return;
+        }
+        match context.peer {
+            Some(peer) if peer.primary_role => {
+                if self.goal == Goal::ForcePrim {
+                    logs.push((
+                        Level::Warn,
+                        format!("{} became primary first: starting as secondary", context.peer_name),
+                    ));
+                }
+                self.goal = Goal::Run;
+                self.want_primary = false;
+                self.plan_become_second(Action::Start, "the peer is primary");
+            }
+            Some(peer) => {
+                if self.want_primary && peer.grant_to == Some(context.my_incarnation) {
+                    let forced = self.goal == Goal::ForcePrim;
+                    self.commit_primary(context.peer_max_epoch, effects);
+                    self.goal = Goal::Run;
+                    let reason = if forced {
+                        "forced primary (`tandem prim`)"
+                    } else {
+                        "the peer agreed this node is primary"
+                    };
+                    self.plan_become_primary(State::Wait, Action::Start, reason);
+                    return;
+                }
+                let preference = match self.goal {
+                    Goal::ForcePrim => Preference::Local,
+                    Goal::ForceSecond => Preference::Peer,
+                    _ => policy::prefer(
+                        Candidate {
+                            name: context.local_name,
+                            claim: self.record.claim,
+                            last_primary: self.record.last_primary,
+                        },
+                        Candidate {
+                            name: context.peer_name,
+                            claim: peer.claim,
+                            last_primary: peer.last_primary,
+                        },
+                        &self.settings.default_primary,
+                    ),
+                };
+                // A peer that granted us already is not asked again; a granted peer that wants
+                // the role itself is not competed with.
+                self.want_primary = preference == Preference::Local && self.grant_to.is_none();
+                self.set_waiting(preference_reason(&preference, context.peer_name), logs);
+            }
+            None => {
+                self.want_primary = false;
+                let peer_silent = self.grant_to.is_none();
+                if self.goal == Goal::ForcePrim && peer_silent {
+                    self.commit_primary(context.peer_max_epoch, effects);
+                    self.goal = Goal::Run;
+                    self.plan_become_primary(
+                        State::Wait,
+                        Action::Start,
+                        "forced primary (`tandem prim`)",
+                    );
+                } else if self.goal == Goal::ForceSecond {
+                    self.set_waiting("waiting for a primary to synchronise from".into(), logs);
+                } else if !context.startup_over {
+                    self.set_waiting(format!("looking for {}", context.peer_name), logs);
+                } else if self.record.claim == Claim::Exclusive && peer_silent {
+                    self.commit_primary(context.peer_max_epoch, effects);
+                    self.plan_become_primary(
+                        State::Wait,
+                        Action::Start,
+                        "this node has the only up-to-date data and the peer is absent",
+                    );
+                } else {
+                    self.set_waiting(
+                        format!(
+                            "{} is absent and this node's data may not be up to date (claim \
+                             {}): waiting for it; run `tandem prim` here to force this node \
+                             primary",
+                            context.peer_name,
+                            self.record.claim.as_str()
+                        ),
+                        logs,
+                    );
+                }
+            }
+        }
+    }
+
+    fn decide_primary(
+        &mut self,
+        context: &Context<'_>,
+        facts: PeerFacts,
+        logs: &mut Vec<(Level, String)>,
+    ) {
+        self.wait_reason = None;
+        if !self.primary_role {
+            // Fenced by split brain or link loss: finish stepping down.
+            let reason = if self.link_up { "split brain: stepping down" } else { "interface down" };
+            self.plan_leave_to_wait(Action::Auto, reason, facts);
+            return;
+        }
+        let peer_swap = context.peer.is_some_and(|peer| {
+            self.peer_swap_seen.is_some_and(|seen| peer.swap_counter > seen)
+        });
+        if peer_swap {
+            self.peer_swap_seen = context.peer.map(|peer| peer.swap_counter);
+            self.local_swap = true;
+        }
+        if self.local_swap {
+            self.local_swap = false;
+            if self.state == State::Prim && facts.second_in_sync {
+                self.plan_handover("swap requested");
+                return;
+            }
+            logs.push((Level::Warn, "swap abandoned: the peer is not an up-to-date secondary".into()));
+        }
+        if let crate::settings::DefaultPrimary::Node(preferred) = &self.settings.default_primary
+            && preferred == context.peer_name
+            && self.state == State::Prim
+            && facts.second_in_sync
+        {
+            logs.push((
+                Level::Info,
+                format!("{preferred} is the default primary and is up to date: swapping roles"),
+            ));
+            self.plan_handover("default_primary");
+            return;
+        }
+        match self.state {
+            State::Alone if facts.second_in_sync => {
+                self.plan_alone_to_prim();
+            }
+            State::Prim if !facts.second_in_sync => {
+                let reason = if context.peer.is_some() {
+                    "the secondary is no longer up to date"
+                } else {
+                    "the secondary is gone"
+                };
+                self.plan_prim_to_alone(reason);
+            }
+            _ => {}
+        }
+    }
+
+    fn decide_second(
+        &mut self,
+        context: &Context<'_>,
+        facts: PeerFacts,
+        logs: &mut Vec<(Level, String)>,
+        effects: &mut Vec<Effect>,
+    ) {
+        self.wait_reason = None;
+        match context.peer {
+            Some(peer) if peer.primary_role => {
+                self.want_primary = false;
+                if peer.epoch != self.synced_epoch {
+                    self.plan_resync("the primary changed");
+                }
+            }
+            Some(peer) => {
+                if peer.grant_to == Some(context.my_incarnation) {
+                    let action = if self.want_primary { Action::Auto } else { Action::Swap };
+                    let reason = if action == Action::Swap {
+                        "roles swapped: the peer handed over"
+                    } else {
+                        "the peer left the primary role"
+                    };
+                    self.commit_primary(context.peer_max_epoch, effects);
+                    self.plan_takeover(action, reason);
+                } else if !self.link_up {
+                    self.plan_leave_to_wait(Action::Auto, "the VIP interface is down", facts);
+                } else if self.settings.failover {
+                    if !self.want_primary {
+                        logs.push((
+                            Level::Info,
+                            format!(
+                                "{} left the primary role: asking to take over",
+                                context.peer_name
+                            ),
+                        ));
+                    }
+                    self.want_primary = true;
+                } else {
+                    self.want_primary = false;
+                    self.plan_leave_to_wait(
+                        Action::Auto,
+                        "the primary left and failover is off",
+                        facts,
+                    );
+                }
+            }
+            None => {
+                self.want_primary = false;
+                let why = if context.peer_incarnation.is_some() && context.startup_over {
+                    "the peer is lost or stopped the module"
+                } else {
+                    "the peer is lost"
+                };
+                if !self.link_up {
+                    self.plan_leave_to_wait(Action::Auto, "the VIP interface is down", facts);
+                } else if self.settings.failover && self.grant_to.is_none() {
+                    logs.push((Level::Warn, format!("{why}: failover")));
+                    self.commit_primary(context.peer_max_epoch, effects);
+                    self.plan_takeover(Action::Auto, &format!("failover: {why}"));
+                } else {
+                    self.plan_leave_to_wait(Action::Auto, &format!("{why} and failover is off"), facts);
+                }
+            }
+        }
+    }
+
+    // ----- plans ---------------------------------------------------------------------------
+
+    fn script(&mut self, script: Script, current: State, next: State, action: Action) {
+        self.plan.push_back(Step::Script { script, current, next, action, force: false });
+    }
+
+    fn plan_start(&mut self) {
+        self.hold = None;
+        self.wait_reason = None;
+        self.plan.push_back(Step::Enter { state: State::Wait, ready: false });
+        self.script(Script::Transition, State::Stop, State::Wait, Action::Start);
+        self.script(Script::Prestart, State::Stop, State::Wait, Action::Start);
+        self.plan.push_back(Step::Enter { state: State::Wait, ready: true });
+        self.plan.push_back(Step::Finish {
+            from: State::Stop,
+            to: State::Wait,
+            reason: "start".into(),
+        });
+    }
+
+    fn plan_become_primary(&mut self, from: State, action: Action, reason: &str) {
+        self.wait_reason = None;
+        self.plan.push_back(Step::Enter { state: from, ready: false });
+        self.script(Script::Transition, from, State::Alone, action);
+        self.plan.push_back(Step::AcquireVips);
+        self.plan.push_back(Step::Unfence);
+        self.script(Script::StartPrim, from, State::Alone, action);
+        self.plan.push_back(Step::Enter { state: State::Alone, ready: true });
+        self.plan.push_back(Step::Finish { from, to: State::Alone, reason: reason.into() });
+    }
+
+    fn plan_takeover(&mut self, action: Action, reason: &str) {
+        let from = State::Second;
+        self.plan.push_back(Step::Enter { state: from, ready: false });
+        if self.app == Some(Script::StartSecond) {
+            self.script(Script::StopSecond, from, State::Alone, action);
+        }
+        self.script(Script::Transition, from, State::Alone, action);
+        self.plan.push_back(Step::AcquireVips);
+        self.plan.push_back(Step::Unfence);
+        self.script(Script::StartPrim, from, State::Alone, action);
+        self.plan.push_back(Step::Enter { state: State::Alone, ready: true });
+        self.plan.push_back(Step::Finish { from, to: State::Alone, reason: reason.into() });
+    }
+
+    fn plan_become_second(&mut self, action: Action, reason: &str) {
+        self.wait_reason = None;
+        self.plan.push_back(Step::SetClaim(Claim::Stale));
+        self.plan.push_back(Step::Enter { state: State::Wait, ready: false });
+        self.script(Script::Transition, State::Wait, State::Second, action);
+        self.plan.push_back(Step::Enter { state: State::Second, ready: false });
+        self.script(Script::StartSecond, State::Wait, State::Second, action);
+        self.plan.push_back(Step::SyncData);
+        self.plan.push_back(Step::MarkSynced);
+        self.plan.push_back(Step::Enter { state: State::Second, ready: true });
+        self.plan.push_back(Step::Finish {
+            from: State::Wait,
+            to: State::Second,
+            reason: reason.into(),
+        });
+    }
+
+    fn plan_resync(&mut self, reason: &str) {
+        self.plan.push_back(Step::SetClaim(Claim::Stale));
+        self.plan.push_back(Step::Enter { state: State::Second, ready: false });
+        self.plan.push_back(Step::SyncData);
+        self.plan.push_back(Step::MarkSynced);
+        self.plan.push_back(Step::Enter { state: State::Second, ready: true });
+        self.plan.push_back(Step::Finish {
+            from: State::Second,
+            to: State::Second,
+            reason: reason.into(),
+        });
+    }
+
+    fn plan_alone_to_prim(&mut self) {
+        self.plan.push_back(Step::SetClaim(Claim::Shared));
+        self.plan.push_back(Step::Enter { state: State::Alone, ready: false });
+        self.script(Script::Transition, State::Alone, State::Prim, Action::Auto);
+        self.plan.push_back(Step::Enter { state: State::Prim, ready: true });
+        self.plan.push_back(Step::Finish {
+            from: State::Alone,
+            to: State::Prim,
+            reason: "the secondary is up to date".into(),
+        });
+    }
+
+    fn plan_prim_to_alone(&mut self, reason: &str) {
+        // The exclusive claim is persisted before any write is acknowledged alone.
+        self.plan.push_back(Step::SetClaim(Claim::Exclusive));
+        self.plan.push_back(Step::Enter { state: State::Prim, ready: false });
+        self.script(Script::Transition, State::Prim, State::Alone, Action::Auto);
+        self.plan.push_back(Step::Enter { state: State::Alone, ready: true });
+        self.plan.push_back(Step::Finish {
+            from: State::Prim,
+            to: State::Alone,
+            reason: reason.into(),
+        });
+    }
+
+    fn plan_handover(&mut self, reason: &str) {
+        let from = State::Prim;
+        self.plan.push_back(Step::Enter { state: from, ready: false });
+        self.script(Script::StopPrim, from, State::Second, Action::Swap);
+        self.plan.push_back(Step::ReleaseVips);
+        self.plan.push_back(Step::Fence);
+        self.plan.push_back(Step::GrantPeer);
+        self.script(Script::Transition, from, State::Second, Action::Swap);
+        self.plan.push_back(Step::AwaitPeerPrimary);
+        self.plan.push_back(Step::Enter { state: State::Second, ready: false });
+        self.script(Script::StartSecond, from, State::Second, Action::Swap);
+        self.plan.push_back(Step::SyncData);
+        self.plan.push_back(Step::MarkSynced);
+        self.plan.push_back(Step::Enter { state: State::Second, ready: true });
+        self.plan.push_back(Step::Finish { from, to: State::Second, reason: reason.into() });
+    }
+
+    /// Leaves ALONE, PRIM or SECOND for WAIT, running the matching stop scripts.
+    fn plan_leave_to_wait(&mut self, action: Action, reason: &str, facts: PeerFacts) {
+        let from = self.state;
+        self.plan_release(from, State::Wait, action, false, facts);
+        self.plan.push_back(Step::Enter { state: State::Wait, ready: true });
+        self.plan.push_back(Step::Finish { from, to: State::Wait, reason: reason.into() });
+    }
+
+    fn plan_release(&mut self, from: State, next: State, action: Action, force: bool, facts: PeerFacts) {
+        self.plan.push_back(Step::Enter { state: from, ready: false });
+        if from == State::Second && facts.primary {
+            self.plan.push_back(Step::SetClaim(Claim::Stale));
+        }
+        if self.app == Some(Script::StartPrim) || from.is_primary() {
+            self.plan.push_back(Step::Script {
+                script: Script::StopPrim,
+                current: from,
+                next,
+                action,
+                force,
+            });
+        }
+        if self.app == Some(Script::StartSecond) {
+            self.plan.push_back(Step::Script {
+                script: Script::StopSecond,
+                current: from,
+                next,
+                action,
+                force,
+            });
+        }
+        if self.vip_held || from.is_primary() {
+            self.plan.push_back(Step::ReleaseVips);
+        }
+        if self.primary_role || from.is_primary() {
+            self.plan.push_back(Step::Fence);
+        }
+        self.script(Script::Transition, from, next, action);
+    }
+
+    /// Stops the module from whatever state it is in.
+    pub(crate) fn plan_stop(&mut self, force: bool, action: Action, reason: &str, facts: PeerFacts) {
+        let from = self.state;
+        self.want_primary = false;
+        self.local_swap = false;
+        if from != State::Wait && from != State::Stop {
+            self.plan_release(from, State::Wait, action, force, facts);
+        } else {
+            self.plan.push_back(Step::Enter { state: from, ready: false });
+            if self.app.is_some() || self.vip_held || self.primary_role {
+                self.plan_release(from, State::Wait, action, force, facts);
+            }
+        }
+        self.script(Script::Poststop, State::Wait, State::Stop, action);
+        self.script(Script::Transition, State::Wait, State::Stop, action);
+        self.plan.push_back(Step::Enter { state: State::Stop, ready: true });
+        self.plan.push_back(Step::Finish { from, to: State::Stop, reason: reason.into() });
+    }
+
+    pub(crate) fn plan_restart(&mut self) {
+        let state = self.state;
+        let (stop, start) = if state.is_primary() {
+            (Script::StopPrim, Script::StartPrim)
+        } else {
+            (Script::StopSecond, Script::StartSecond)
+        };
+        self.plan.push_back(Step::Enter { state, ready: false });
+        self.script(stop, state, state, Action::Restart);
+        self.script(start, state, state, Action::Restart);
+        self.plan.push_back(Step::Enter { state, ready: true });
+        self.plan.push_back(Step::Finish { from: state, to: state, reason: "restart".into() });
+    }
+
+    // ----- running plans -------------------------------------------------------------------
+
+    /// Runs internal steps and emits the next external one. Returns whether anything happened.
+    pub(crate) fn advance(
+        &mut self,
+        next_step: &mut u64,
+        now: Time,
+        facts: PeerFacts,
+        effects: &mut Vec<Effect>,
+        logs: &mut Vec<(Level, String)>,
+    ) -> bool {
+        let mut progressed = false;
+        if let Some((_, Step::AwaitPeerPrimary)) = &self.current {
+            if facts.primary || !facts.running || self.goal == Goal::Stopped {
+                self.current = None;
+                self.handing_over = false;
+                progressed = true;
+            } else {
+                return false;
+            }
+        }
+        while self.current.is_none() {
+            let Some(step) = self.plan.pop_front() else { break };
+            progressed = true;
+            let step_id = StepId(*next_step);
+            if let Some(effect) = self.external_effect(step_id, &step) {
+                *next_step += 1;
+                match &step {
+                    Step::Script { script, .. } if starts_app(*script) => self.app = Some(*script),
+                    Step::AcquireVips => self.vip_held = true,
+                    _ => {}
+                }
+                effects.push(effect);
+                self.current = Some((step_id, step));
+                break;
+            }
+            self.run_internal(step, now, facts, effects, logs);
+        }
+        progressed
+    }
+
+    fn run_internal(
+        &mut self,
+        step: Step,
+        now: Time,
+        facts: PeerFacts,
+        effects: &mut Vec<Effect>,
+        logs: &mut Vec<(Level, String)>,
+    ) {
+        match step {
+            Step::Enter { state, ready } => {
+                if state != State::Wait {
+                    self.wait_reason = None;
+                }
+                if (state, ready) != (self.state, self.ready) {
+                    if state == State::Wait && self.state == State::Stop {
+                        self.started_at = Some(now);
+                    }
+                    self.state = state;
+                    self.ready = ready;
+                    effects.push(Effect::StateChanged { module: self.id, state, ready });
+                }
+            }
+            Step::SetClaim(claim) => {
+                self.record.claim = claim;
+                self.persist(effects);
+            }
+            Step::Fence => {
+                let in_sync = facts.second_in_sync;
+                self.fence(effects);
+                self.record.claim = claim_after_leaving_primary(self.record.claim, in_sync);
+                self.persist(effects);
+            }
+            Step::Unfence => {
+                if self.primary_role {
+                    effects.push(Effect::SetWritable { module: self.id, writable: true });
+                }
+            }
+            Step::GrantPeer => {
+                if let Some(incarnation) = facts.incarnation.filter(|_| facts.running) {
+                    self.grant_to = Some(incarnation);
+                    self.handing_over = true;
+                    self.record.last_primary = false;
+                    self.persist(effects);
+                } else {
+                    logs.push((Level::Warn, "the peer disappeared during the swap".into()));
+                }
+            }
+            Step::AwaitPeerPrimary => {
+                self.current = Some((StepId(0), Step::AwaitPeerPrimary));
+            }
+            Step::MarkSynced => {
+                self.synced_epoch = facts.epoch;
+                self.record.claim = Claim::Shared;
+                self.record.last_primary = false;
+                self.persist(effects);
+            }
+            Step::Finish { from, to, reason } => {
+                logs.push((Level::Info, format!("transition {from} -> {to}: {reason}")));
+                self.record_transition(from, to, &reason, now);
+            }
+            Step::Script { .. } | Step::AcquireVips | Step::ReleaseVips | Step::SyncData => {}
+        }
+    }
+
+    /// Handles the report of the running external step.
+    pub(crate) fn complete(&mut self, step: Step, outcome: Outcome, logs: &mut Vec<(Level, String)>) {
+        let failure = match &outcome {
+            Outcome::Ok => None,
+            Outcome::Failed(why) => Some(why.clone()),
+            Outcome::TimedOut => Some("timed out".to_owned()),
+        };
+        match step {
+            Step::Script { script, current, next, action, force } => {
+                if script.is_stop() {
+                    match failure {
+                        Some(why) if !force => {
+                            logs.push((
+                                Level::Warn,
+                                format!(
+                                    "{} did not stop gracefully ({why}): calling it with force",
+                                    script.file_name()
+                                ),
+                            ));
+                            self.plan.push_front(Step::Script {
+                                script,
+                                current,
+                                next,
+                                action,
+                                force: true,
+                            });
+                        }
+                        other => {
+                            if let Some(why) = other {
+                                logs.push((
+                                    Level::Error,
+                                    format!(
+                                        "{} force failed ({why}); continuing",
+                                        script.file_name()
+                                    ),
+                                ));
+                            }
+                            self.app = None;
+                        }
+                    }
+                } else if let Some(why) = failure {
+                    if starts_app(script) || script == Script::Prestart {
+                        logs.push((
+                            Level::Error,
+                            format!("{} failed ({why}): stopping the module", script.file_name()),
+                        ));
+                        self.plan.clear();
+                        self.goal = Goal::Stopped;
+                    } else {
+                        logs.push((
+                            Level::Warn,
+                            format!("{} failed ({why}); continuing", script.file_name()),
+                        ));
+                    }
+                }
+            }
+            Step::AcquireVips => {
+                if let Some(why) = failure {
+                    logs.push((
+                        Level::Error,
+                        format!("virtual IPs could not be set ({why}): stopping the module"),
+                    ));
+                    self.plan.clear();
+                    self.goal = Goal::Stopped;
+                }
+            }
+            Step::ReleaseVips => {
+                self.vip_held = false;
+                if let Some(why) = failure {
+                    logs.push((Level::Error, format!("virtual IPs could not be removed ({why})")));
+                }
+            }
+            Step::SyncData => {
+                if let Some(why) = failure {
+                    logs.push((
+                        Level::Error,
+                        format!("data synchronisation failed ({why}): stopping the module"),
+                    ));
+                    self.plan.clear();
+                    self.goal = Goal::Stopped;
+                }
+            }
+            _ => {}
+        }
+    }
+}
