@@ -1,1 +1,8 @@
-//! The tandem node agent: drives the core and carries out its effects.
+//! The tandem node agent: drives the pure core and carries out its effects with the adapters
+//! (`tandem-net`, `tandem-vip`, `tandem-scripts`), persists its state and serves the control API.
+
+mod api;
+mod driver;
+mod persist;
+
+pub use driver::{DaemonOptions, run};
