@@ -512,8 +512,8 @@ impl Module {
             }
             None => {
                 self.want_primary = false;
-                let why = if context.peer_incarnation.is_some() && context.startup_over {
-                    "the peer is lost or stopped the module"
+                let why = if context.peer_alive {
+                    "the peer stopped the module"
                 } else {
                     "the peer is lost"
                 };

@@ -457,6 +457,7 @@ impl Node {
         let peer_name = self.settings.peer.clone();
         let peer_max_epoch = self.peer.max_epoch[id.0];
         let my_incarnation = self.incarnation;
+        let self_peer_alive = self.peer.alive;
 
         let mut logs: Vec<(Level, String)> = Vec::new();
         let mut effects: Vec<Effect> = Vec::new();
@@ -506,6 +507,7 @@ impl Node {
                 peer_name: &peer_name,
                 peer: peer.as_ref(),
                 peer_incarnation,
+                peer_alive: self_peer_alive,
                 my_incarnation,
                 peer_max_epoch,
             };
@@ -518,6 +520,7 @@ impl Node {
             peer_name: &peer_name,
             peer: peer.as_ref(),
             peer_incarnation,
+            peer_alive: self_peer_alive,
             my_incarnation,
             peer_max_epoch,
         });

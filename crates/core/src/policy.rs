@@ -17,6 +17,8 @@ pub(crate) struct Context<'a> {
     /// The peer's module, if the peer is alive and runs it (not STOP).
     pub peer: Option<&'a ModuleSnapshot>,
     pub peer_incarnation: Option<u64>,
+    /// Heartbeats arrive from the peer (its module may still be stopped).
+    pub peer_alive: bool,
     pub my_incarnation: u64,
     pub peer_max_epoch: u64,
 }

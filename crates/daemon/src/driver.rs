@@ -663,9 +663,13 @@ impl Driver {
                         },
                         ready: module.peer.ready || module.peer.state.is_none(),
                         reachable: module.peer.reachable,
-                        uptodate: module.peer.claim.map(|claim| claim.is_up_to_date()),
+                        uptodate: module
+                            .peer
+                            .claim
+                            .filter(|_| module.peer.reachable)
+                            .map(|claim| up_to_date(claim, module.peer.state)),
                     },
-                    uptodate: module.claim.is_up_to_date(),
+                    uptodate: up_to_date(module.claim, Some(module.state)),
                     data: module.claim.as_str().to_owned(),
                     writable: module.primary_role,
                     epoch: module.epoch,
@@ -708,6 +712,18 @@ impl Driver {
             witness: None,
             modules,
         }
+    }
+}
+
+/// The `uptodate` flag of the status: an exclusive claim, or a shared one while the pair is
+/// connected in PRIM/SECOND. A node that left the pair with a shared claim may be stale: the peer
+/// may have gone on alone, so it is not shown (nor treated) as up to date.
+fn up_to_date(claim: tandem_core::Claim, state: Option<tandem_core::State>) -> bool {
+    use tandem_core::{Claim, State};
+    match claim {
+        Claim::Exclusive => true,
+        Claim::Shared => matches!(state, Some(State::Prim | State::Second | State::Alone)),
+        Claim::Fresh | Claim::Stale => false,
     }
 }
 
