@@ -158,7 +158,14 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         .await
         .context("cannot start node-to-node networking")?;
 
-    let vips = Arc::new(VipManager::new().await.context("cannot open netlink")?);
+    // Three announcements 50 ms apart, then a second burst 3 s later: the first packet leaves at
+    // once, and the application starts after ~100 ms rather than waiting for slow bursts.
+    let announce = tandem_vip::AnnounceConfig {
+        count: 3,
+        interval: Duration::from_millis(50),
+        second_burst_delay: Some(Duration::from_secs(3)),
+    };
+    let vips = Arc::new(VipManager::with_config(announce).await.context("cannot open netlink")?);
     let vip_specs: Vec<Vec<VipSpec>> = config
         .modules
         .iter()
@@ -175,6 +182,24 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
                 .collect()
         })
         .collect();
+
+    // Every module starts in STOP, so this node holds no VIP: any VIP still on an interface is a
+    // leftover of a run that crashed, and must not answer for a primary that is not here.
+    for (specs, module_logs) in vip_specs.iter().zip(logs.iter()) {
+        for spec in specs {
+            match vips.release(spec).await {
+                Ok(report) if report.was_present() => module_logs.write(
+                    tandem_scripts::Level::Warn,
+                    &format!("removed virtual IP {}/{} left by an earlier run", spec.addr, spec.prefix),
+                ),
+                Ok(_) => {}
+                Err(error) => module_logs.write(
+                    tandem_scripts::Level::Error,
+                    &format!("cannot check virtual IP {}/{}: {error}", spec.addr, spec.prefix),
+                ),
+            }
+        }
+    }
 
     let (link_tx, mut link_rx) = mpsc::channel::<(ModuleId, bool)>(64);
     let tasks = TaskTracker::new();
