@@ -1,0 +1,327 @@
+//! Real daemons in the lab (spec §8): each test builds its own namespaces on a private bridge,
+//! runs two `tandem daemon`s and a client, breaks things, and checks what users would see. The lab
+//! is removed when the test ends, also when it fails.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tandem::cluster::{APP_PORT, Cluster, ClusterSpec};
+use tandem_lab::LabSpec;
+
+const SETTLE: Duration = Duration::from_secs(30);
+
+fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tandem"))
+}
+
+fn spec() -> ClusterSpec {
+    ClusterSpec::new(LabSpec::new(["node1", "node2", "client"]))
+}
+
+fn cluster(spec: &ClusterSpec) -> Cluster {
+    Cluster::create(spec, &binary()).unwrap()
+}
+
+/// Polls `check` every 50 ms until it holds or `timeout` passes.
+fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One HTTP request to the sample application on the VIP, from the client host.
+fn request(cluster: &Cluster) -> Option<String> {
+    let address = SocketAddr::from((cluster.vip, APP_PORT));
+    cluster
+        .lab
+        .in_netns("client", move || -> Option<String> {
+            let mut stream = TcpStream::connect_timeout(&address, Duration::from_millis(500)).ok()?;
+            stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            stream.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).ok()?;
+            answer.lines().last().map(str::to_owned)
+        })
+        .ok()
+        .flatten()
+}
+
+fn neighbour_mac(cluster: &Cluster, address: Ipv4Addr) -> Option<String> {
+    let output = cluster.lab.run("client", &["ip", "neigh", "show", &address.to_string()]).ok()?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    words.iter().position(|word| *word == "lladdr").map(|index| words[index + 1].to_lowercase())
+}
+
+fn state(cluster: &Cluster, node: &str) -> (String, bool) {
+    let status = cluster.status(node).unwrap();
+    let module = &status["modules"][0];
+    (module["state"].as_str().unwrap().to_owned(), module["ready"].as_bool().unwrap())
+}
+
+fn log_contains(cluster: &Cluster, node: &str, needle: &str) -> bool {
+    std::fs::read_to_string(cluster.module_log(node).unwrap())
+        .map(|text| text.contains(needle))
+        .unwrap_or(false)
+}
+
+fn kill_daemon(cluster: &Cluster, node: &str) {
+    let pid = cluster.daemon_pid(node).expect("daemon running");
+    cluster.lab.kill(pid, libc::SIGKILL).unwrap();
+    cluster.lab.wait_exit(pid, Duration::from_secs(10)).unwrap();
+}
+
+/// Scripts that append `<node> <script> <args>` to one trace file shared by both nodes, so the
+/// order of script calls across the two nodes can be checked.
+fn tracing_scripts(dir: &Path, trace: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let scripts = dir.join("trace-scripts");
+    std::fs::create_dir_all(&scripts).unwrap();
+    for name in
+        ["prestart", "start_prim", "stop_prim", "start_second", "stop_second", "poststop", "transition"]
+    {
+        let path = scripts.join(name);
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\necho \"$TANDEM_NODE {name} $*\" >> {}\n", trace.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    scripts
+}
+
+fn trace_lines(trace: &Path) -> Vec<String> {
+    std::fs::read_to_string(trace).unwrap_or_default().lines().map(str::to_owned).collect()
+}
+
+fn position(lines: &[String], wanted: &str) -> usize {
+    lines
+        .iter()
+        .position(|line| line == wanted)
+        .unwrap_or_else(|| panic!("{wanted:?} not in trace:\n{}", lines.join("\n")))
+}
+
+#[test]
+fn both_start_one_prim_one_second_and_the_vip_answers() {
+    let cluster = cluster(&spec());
+    cluster.bootstrap().unwrap();
+    assert_eq!(state(&cluster, "node1"), ("PRIM".into(), true));
+    assert_eq!(state(&cluster, "node2"), ("SECOND".into(), true));
+    let status = cluster.status("node1").unwrap();
+    assert_eq!(status["modules"][0]["vip"]["held"], true);
+    assert_eq!(status["modules"][0]["peer"]["state"], "SECOND");
+    assert_eq!(status["modules"][0]["uptodate"], true);
+    eventually(SETTLE, "the VIP to answer from node1", || {
+        request(&cluster).is_some_and(|answer| answer.starts_with("node1: request"))
+    });
+}
+
+#[test]
+fn kill_of_the_primary_fails_over_moves_the_vip_and_the_node_comes_back_second() {
+    let cluster = cluster(&spec());
+    cluster.bootstrap().unwrap();
+    let node1_mac = cluster.lab.host("node1").unwrap().mac.to_lowercase();
+    let node2_mac = cluster.lab.host("node2").unwrap().mac.to_lowercase();
+    eventually(SETTLE, "the VIP to answer from node1", || request(&cluster).is_some());
+    assert_eq!(neighbour_mac(&cluster, cluster.vip), Some(node1_mac));
+
+    // (2) kill -9 of the primary's daemon: node2 goes ALONE, runs start_prim, holds the VIP.
+    kill_daemon(&cluster, "node1");
+    cluster.wait_state("node2", "ALONE", SETTLE).unwrap();
+    let status = cluster.status("node2").unwrap();
+    assert_eq!(status["modules"][0]["vip"]["held"], true);
+    assert!(log_contains(&cluster, "node2", "script start_prim SECOND ALONE auto: exit 0"));
+    // The client's neighbour entry points at node2 without waiting for ARP expiry (minutes).
+    eventually(Duration::from_secs(5), "the client's ARP entry to move to node2", || {
+        neighbour_mac(&cluster, cluster.vip).as_deref() == Some(node2_mac.as_str())
+    });
+    eventually(SETTLE, "the VIP to answer from node2", || {
+        request(&cluster).is_some_and(|answer| answer.starts_with("node2: request"))
+    });
+
+    // (3) the killed node restarts and becomes SECOND; node2 becomes PRIM.
+    cluster.start_daemon("node1").unwrap();
+    cluster.tandem_ok("node1", &["start"]).unwrap();
+    cluster.wait_state("node1", "SECOND", SETTLE).unwrap();
+    cluster.wait_state("node2", "PRIM", SETTLE).unwrap();
+    assert!(log_contains(&cluster, "node1", "left by an earlier run"));
+    let status = cluster.status("node1").unwrap();
+    assert_eq!(status["modules"][0]["vip"]["held"], false);
+}
+
+#[test]
+fn swap_exchanges_roles_with_scripts_in_order() {
+    let mut spec = spec();
+    let work = tempfile::tempdir().unwrap();
+    let trace = work.path().join("trace");
+    spec.scripts = Some(tracing_scripts(work.path(), &trace));
+    let cluster = cluster(&spec);
+    cluster.bootstrap().unwrap();
+    std::fs::write(&trace, "").unwrap();
+
+    cluster.tandem_ok("node2", &["swap"]).unwrap();
+    cluster.wait_state("node2", "PRIM", SETTLE).unwrap();
+    cluster.wait_state("node1", "SECOND", SETTLE).unwrap();
+
+    let lines = trace_lines(&trace);
+    let stop_prim = position(&lines, "node1 stop_prim PRIM SECOND swap");
+    let stop_second = position(&lines, "node2 stop_second SECOND ALONE swap");
+    let transition = position(&lines, "node2 transition SECOND ALONE swap");
+    let start_prim = position(&lines, "node2 start_prim SECOND ALONE swap");
+    let start_second = position(&lines, "node1 start_second PRIM SECOND swap");
+    assert!(stop_prim < stop_second, "the primary stops before the secondary moves:\n{lines:#?}");
+    assert!(stop_second < transition && transition < start_prim, "{lines:#?}");
+    assert!(start_prim > stop_prim && start_second > stop_prim, "{lines:#?}");
+    let status = cluster.status("node2").unwrap();
+    assert_eq!(status["modules"][0]["vip"]["held"], true);
+    let status = cluster.status("node1").unwrap();
+    assert_eq!(status["modules"][0]["vip"]["held"], false);
+    // Both holders checked on the interfaces themselves.
+    let address = cluster.vip.to_string();
+    let holds = |node: &str| {
+        let output = cluster.lab.run(node, &["ip", "-o", "addr", "show", "dev", "eth0"]).unwrap();
+        String::from_utf8_lossy(&output.stdout).contains(&format!(" {address}/"))
+    };
+    assert!(holds("node2") && !holds("node1"));
+}
+
+#[test]
+fn graceful_stop_of_the_primary_fails_over_after_its_stop_scripts() {
+    let mut spec = spec();
+    let work = tempfile::tempdir().unwrap();
+    let trace = work.path().join("trace");
+    spec.scripts = Some(tracing_scripts(work.path(), &trace));
+    let cluster = cluster(&spec);
+    cluster.bootstrap().unwrap();
+    std::fs::write(&trace, "").unwrap();
+
+    cluster.tandem_ok("node1", &["stop"]).unwrap();
+    cluster.wait_state("node1", "STOP", SETTLE).unwrap();
+    cluster.wait_state("node2", "ALONE", SETTLE).unwrap();
+    let lines = trace_lines(&trace);
+    let stop_prim = position(&lines, "node1 stop_prim PRIM WAIT stop");
+    let start_prim = position(&lines, "node2 start_prim SECOND ALONE auto");
+    assert!(stop_prim < start_prim, "{lines:#?}");
+    position(&lines, "node1 poststop WAIT STOP stop");
+    assert!(log_contains(&cluster, "node2", "the peer stopped the module"));
+}
+
+#[test]
+fn with_failover_off_the_secondary_waits() {
+    let mut spec = spec();
+    spec.failover = false;
+    let cluster = cluster(&spec);
+    cluster.bootstrap().unwrap();
+    kill_daemon(&cluster, "node1");
+    cluster.wait_state("node2", "WAIT", SETTLE).unwrap();
+    // It stays there: watch it for three heartbeat timeouts.
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        assert_eq!(state(&cluster, "node2").0, "WAIT");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(log_contains(&cluster, "node2", "failover is off"));
+    // The operator decides.
+    cluster.tandem_ok("node2", &["prim"]).unwrap();
+    cluster.wait_state("node2", "ALONE", SETTLE).unwrap();
+}
+
+#[test]
+fn a_peer_with_the_wrong_cluster_secret_is_refused_and_logged() {
+    let cluster = cluster(&spec());
+    let config_path = cluster.config_path("node2").unwrap();
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    let other = tandem_config::try_generate_secret().unwrap();
+    let config: String = config
+        .lines()
+        .map(|line| if line.starts_with("secret = ") { format!("secret = {other:?}") } else { line.to_owned() })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&config_path, config).unwrap();
+    cluster.start_daemon("node1").unwrap();
+    cluster.start_daemon("node2").unwrap();
+    eventually(SETTLE, "node1 to log the refused heartbeats", || {
+        log_contains(&cluster, "node1", "refused udp traffic from")
+            && log_contains(&cluster, "node1", "authentication failed")
+    });
+    eventually(SETTLE, "node1 to log the refused channel", || {
+        log_contains(&cluster, "node1", "refused tcp traffic from")
+    });
+    let status = cluster.status("node1").unwrap();
+    assert_eq!(status["peer"]["reachable"], false);
+    assert_eq!(status["peer"]["channel"], false);
+    // Neither sees the other: node1 forced primary runs alone; node2 waits for its peer.
+    cluster.tandem_ok("node1", &["prim"]).unwrap();
+    cluster.wait_state("node1", "ALONE", SETTLE).unwrap();
+    cluster.tandem_ok("node2", &["start"]).unwrap();
+    cluster.wait_state("node2", "WAIT", SETTLE).unwrap();
+    assert_eq!(cluster.status("node2").unwrap()["peer"]["reachable"], false);
+}
+
+#[test]
+fn garbage_on_the_heartbeat_and_channel_ports_is_ignored_and_logged() {
+    let cluster = cluster(&spec());
+    cluster.bootstrap().unwrap();
+    let target = cluster.lab.host("node1").unwrap().addr;
+    cluster
+        .lab
+        .in_netns("client", move || {
+            let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+            let mut noise = |length: usize| -> Vec<u8> {
+                (0..length)
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        (seed & 0xff) as u8
+                    })
+                    .collect()
+            };
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            for length in [0, 1, 16, 60, 200, 1400, 9000] {
+                let _ = socket.send_to(&noise(length), (target, 9021));
+            }
+            let mut forged = b"TDHB".to_vec();
+            forged.extend(noise(120));
+            let _ = socket.send_to(&forged, (target, 9021));
+            for length in [1, 64, 4096, 100_000] {
+                if let Ok(mut stream) = TcpStream::connect((target, 9020)) {
+                    let _ = stream.write_all(&noise(length));
+                }
+            }
+            // A silent connection must not hold the channel either.
+            let _silent = TcpStream::connect((target, 9020));
+        })
+        .unwrap();
+    eventually(SETTLE, "node1 to log the garbage", || {
+        log_contains(&cluster, "node1", "refused udp traffic from")
+            && log_contains(&cluster, "node1", "refused tcp traffic from")
+    });
+    // The daemon keeps running and the pair is intact.
+    assert!(cluster.daemon_pid("node1").is_some());
+    assert_eq!(state(&cluster, "node1"), ("PRIM".into(), true));
+    assert_eq!(state(&cluster, "node2"), ("SECOND".into(), true));
+    let status = cluster.status("node1").unwrap();
+    assert_eq!(status["peer"]["reachable"], true);
+}
+
+#[test]
+fn link_down_on_the_primary_fails_over() {
+    let cluster = cluster(&spec());
+    cluster.bootstrap().unwrap();
+    cluster.lab.link_down("node1").unwrap();
+    cluster.wait_state("node2", "ALONE", SETTLE).unwrap();
+    eventually(SETTLE, "node1 to leave the primary role", || state(&cluster, "node1").0 == "WAIT");
+    assert!(log_contains(&cluster, "node1", "VIP interface is down"));
+    // The link comes back: node1 rejoins as secondary.
+    cluster.lab.link_up("node1").unwrap();
+    cluster.wait_state("node1", "SECOND", SETTLE).unwrap();
+    cluster.wait_state("node2", "PRIM", SETTLE).unwrap();
+}
