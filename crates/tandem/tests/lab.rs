@@ -210,7 +210,7 @@ fn graceful_stop_of_the_primary_fails_over_after_its_stop_scripts() {
     let start_prim = position(&lines, "node2 start_prim SECOND ALONE auto");
     assert!(stop_prim < start_prim, "{lines:#?}");
     position(&lines, "node1 poststop WAIT STOP stop");
-    assert!(log_contains(&cluster, "node2", "the peer stopped the module"));
+    assert!(log_contains(&cluster, "node2", "left the primary role"));
 }
 
 #[test]
