@@ -1,0 +1,24 @@
+#!/bin/sh
+# Installs what tandem's demo and test suite need on a fresh Debian machine (run as root).
+set -eu
+missing=""
+for pair in ip:iproute2 nft:nftables nsenter:util-linux unshare:util-linux curl:curl ping:iputils-ping; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || missing="$missing ${pair#*:}"
+done
+if [ -n "$missing" ]; then
+    echo "installing:$missing"
+    apt-get update -qq
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    if [ -x "$HOME/.cargo/bin/cargo" ]; then
+        PATH="$HOME/.cargo/bin:$PATH"
+    else
+        echo "installing the Rust toolchain with rustup"
+        apt-get install -y -qq curl ca-certificates build-essential
+        curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy
+        PATH="$HOME/.cargo/bin:$PATH"
+    fi
+fi
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt 2>/dev/null || true
