@@ -52,7 +52,9 @@ pub struct Client {
 impl Client {
     /// A client of the daemon listening on `socket`.
     pub fn new(socket: impl Into<PathBuf>) -> Client {
-        Client { socket: socket.into() }
+        Client {
+            socket: socket.into(),
+        }
     }
 
     /// The socket path.
@@ -66,23 +68,32 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Response<Incoming>, ClientError> {
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let stream =
+            UnixStream::connect(&self.socket)
                 .await
-                .map_err(|error| ClientError::Http(error.to_string()))?;
+                .map_err(|source| ClientError::Connect {
+                    socket: self.socket.clone(),
+                    source,
+                })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|error| ClientError::Http(error.to_string()))?;
         // The connection task ends when the response body is consumed or dropped.
         tokio::spawn(connection);
-        let mut builder = Request::builder().method(method).uri(path).header("host", "tandem");
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "tandem");
         if body.is_some() {
             builder = builder.header("content-type", "application/json");
         }
         let request = builder
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|error| ClientError::Http(error.to_string()))?;
-        sender.send_request(request).await.map_err(|error| ClientError::Http(error.to_string()))
+        sender
+            .send_request(request)
+            .await
+            .map_err(|error| ClientError::Http(error.to_string()))
     }
 
     async fn call<T: DeserializeOwned>(
@@ -103,7 +114,10 @@ impl Client {
             let message = serde_json::from_slice::<ApiError>(&bytes)
                 .map(|error| error.error)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(ClientError::Refused { status: status.as_u16(), message });
+            return Err(ClientError::Refused {
+                status: status.as_u16(),
+                message,
+            });
         }
         serde_json::from_slice(&bytes).map_err(|error| ClientError::Decode(error.to_string()))
     }
@@ -119,7 +133,8 @@ impl Client {
         path: &str,
         body: &B,
     ) -> Result<T, ClientError> {
-        let bytes = serde_json::to_vec(body).map_err(|error| ClientError::Decode(error.to_string()))?;
+        let bytes =
+            serde_json::to_vec(body).map_err(|error| ClientError::Decode(error.to_string()))?;
         self.call(Method::POST, path, Some(bytes)).await
     }
 
@@ -134,8 +149,11 @@ impl Client {
         module: &str,
         command: &str,
     ) -> Result<crate::CommandReply, ClientError> {
-        self.post(&format!("/v1/modules/{module}/commands/{command}"), &serde_json::json!({}))
-            .await
+        self.post(
+            &format!("/v1/modules/{module}/commands/{command}"),
+            &serde_json::json!({}),
+        )
+        .await
     }
 
     /// Opens the event stream.
@@ -147,7 +165,10 @@ impl Client {
                 message: "event stream refused".into(),
             });
         }
-        Ok(EventStream { body: response.into_body(), buffer: Vec::new() })
+        Ok(EventStream {
+            body: response.into_body(),
+            buffer: Vec::new(),
+        })
     }
 }
 

@@ -128,6 +128,8 @@ pub(crate) struct Module {
     pub vip_held: bool,
     /// Epoch of the primary this node's data was last synchronised with (as a secondary).
     pub synced_epoch: u64,
+    /// Epoch of the primary the running synchronisation copies from.
+    pub sync_from: Option<u64>,
     pub last_transition: Option<TransitionRecord>,
 }
 
@@ -156,6 +158,7 @@ impl Module {
             app: None,
             vip_held: false,
             synced_epoch: 0,
+            sync_from: None,
             last_transition: None,
         }
     }
@@ -235,9 +238,14 @@ impl Module {
             }
         }
         if self.grant_to.is_none() && peer.want_primary && !self.primary_role {
-            let local_wins = self.want_primary
-                && (self.goal == Goal::ForcePrim
-                    || policy::prefer(
+            // A pending `tandem prim` never grants, even before the start scripts are done. The
+            // policy's preference holds against a peer that asks anyway (it was forced) only
+            // when the claims differ: with equal claims nothing is lost whichever node serves,
+            // so the operator's choice on the peer wins instead of both waiting for each other.
+            let local_wins = self.goal == Goal::ForcePrim
+                || (self.want_primary
+                    && self.record.claim != peer.claim
+                    && policy::prefer(
                         Candidate {
                             name: local_name,
                             claim: self.record.claim,
@@ -417,7 +425,7 @@ impl Module {
         if !self.primary_role {
             // Fenced by split brain or link loss: finish stepping down.
             let reason = if self.link_up { "split brain: stepping down" } else { "interface down" };
-            self.plan_leave_to_wait(Action::Auto, reason, facts);
+            self.plan_fenced_step_down(reason, facts);
             return;
         }
         let peer_swap = context.peer.is_some_and(|peer| {
@@ -471,6 +479,9 @@ impl Module {
         effects: &mut Vec<Effect>,
     ) {
         self.wait_reason = None;
+        // Only an up-to-date secondary takes over; one whose synchronisation did not complete
+        // waits for the operator or for the primary to come back.
+        let up_to_date = self.record.claim.is_up_to_date();
         match context.peer {
             Some(peer) if peer.primary_role => {
                 self.want_primary = false;
@@ -479,7 +490,7 @@ impl Module {
                 }
             }
             Some(peer) => {
-                if peer.grant_to == Some(context.my_incarnation) {
+                if peer.grant_to == Some(context.my_incarnation) && up_to_date {
                     let action = if self.want_primary { Action::Auto } else { Action::Swap };
                     let reason = if action == Action::Swap {
                         "roles swapped: the peer handed over"
@@ -490,6 +501,13 @@ impl Module {
                     self.plan_takeover(action, reason);
                 } else if !self.link_up {
                     self.plan_leave_to_wait(Action::Auto, "the VIP interface is down", facts);
+                } else if !up_to_date {
+                    self.want_primary = false;
+                    self.plan_leave_to_wait(
+                        Action::Auto,
+                        "the primary left before this node was up to date",
+                        facts,
+                    );
                 } else if self.settings.failover {
                     if !self.want_primary {
                         logs.push((
@@ -519,6 +537,12 @@ impl Module {
                 };
                 if !self.link_up {
                     self.plan_leave_to_wait(Action::Auto, "the VIP interface is down", facts);
+                } else if !up_to_date {
+                    self.plan_leave_to_wait(
+                        Action::Auto,
+                        &format!("{why} before this node was up to date"),
+                        facts,
+                    );
                 } else if self.settings.failover && self.grant_to.is_none() {
                     logs.push((Level::Warn, format!("{why}: failover")));
                     self.commit_primary(context.peer_max_epoch, effects);
@@ -655,6 +679,35 @@ impl Module {
         self.plan.push_back(Step::Finish { from, to: State::Wait, reason: reason.into() });
     }
 
+    /// Fenced while holding or entering the primary role (split brain, interface down): leaves
+    /// for WAIT releasing the VIPs first, so that only the peer answers on them from now on.
+    fn plan_fenced_step_down(&mut self, reason: &str, facts: PeerFacts) {
+        let from = self.state;
+        self.plan.push_back(Step::Enter { state: from, ready: false });
+        if self.vip_held || from.is_primary() {
+            self.plan.push_back(Step::ReleaseVips);
+        }
+        self.plan_release(from, State::Wait, Action::Auto, false, facts);
+        self.plan.push_back(Step::Enter { state: State::Wait, ready: true });
+        self.plan.push_back(Step::Finish { from, to: State::Wait, reason: reason.into() });
+    }
+
+    /// Called when the primary role was just lost (fenced) while a plan may run: a plan that
+    /// still leads to a primary state (acquiring the VIPs, unfencing, start_prim) is abandoned
+    /// for a step-down, instead of starting the application on a fenced node.
+    pub(crate) fn abandon_promotion(&mut self, reason: &str, facts: PeerFacts) {
+        let promoting = self.plan.iter().any(|step| match step {
+            Step::AcquireVips | Step::Unfence => true,
+            Step::Script { script, .. } => *script == Script::StartPrim,
+            Step::Enter { state, .. } => state.is_primary(),
+            _ => false,
+        });
+        if promoting {
+            self.plan.clear();
+            self.plan_fenced_step_down(reason, facts);
+        }
+    }
+
     fn plan_release(&mut self, from: State, next: State, action: Action, force: bool, facts: PeerFacts) {
         self.plan.push_back(Step::Enter { state: from, ready: false });
         if from == State::Second && facts.primary {
@@ -678,7 +731,8 @@ impl Module {
                 force,
             });
         }
-        if self.vip_held || from.is_primary() {
+        let vips_released = self.plan.contains(&Step::ReleaseVips);
+        if (self.vip_held || from.is_primary()) && !vips_released {
             self.plan.push_back(Step::ReleaseVips);
         }
         if self.primary_role || from.is_primary() {
@@ -750,6 +804,7 @@ impl Module {
                 match &step {
                     Step::Script { script, .. } if starts_app(*script) => self.app = Some(*script),
                     Step::AcquireVips => self.vip_held = true,
+                    Step::SyncData => self.sync_from = facts.primary.then_some(facts.epoch),
                     _ => {}
                 }
                 effects.push(effect);
@@ -812,10 +867,25 @@ impl Module {
                 self.current = Some((StepId(0), Step::AwaitPeerPrimary));
             }
             Step::MarkSynced => {
-                self.synced_epoch = facts.epoch;
-                self.record.claim = Claim::Shared;
-                self.record.last_primary = false;
-                self.persist(effects);
+                // The synchronisation counts only if the primary it started from is still the
+                // primary now: otherwise it may have ended early or copied from a node that
+                // kept writing, and the data is not known to be up to date.
+                let source = self.sync_from.take();
+                if facts.running && facts.primary && source == Some(facts.epoch) {
+                    self.synced_epoch = facts.epoch;
+                    self.record.claim = Claim::Shared;
+                    self.record.last_primary = false;
+                    self.persist(effects);
+                } else {
+                    logs.push((
+                        Level::Warn,
+                        "the primary left or changed during the synchronisation: this node's \
+                         data is not known to be up to date"
+                            .into(),
+                    ));
+                    // Not SECOND ready: the decisions take the module from here.
+                    self.plan.clear();
+                }
             }
             Step::Finish { from, to, reason } => {
                 logs.push((Level::Info, format!("transition {from} -> {to}: {reason}")));

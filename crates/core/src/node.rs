@@ -126,9 +126,14 @@ impl Node {
         }
         for module in &self.modules {
             if module.state == State::Wait && module.current.is_none() {
-                due = earliest(due, Some(self.started_at.plus(self.settings.timeout)));
-                if let Some(started) = module.started_at {
-                    due = earliest(due, Some(started.plus(self.settings.timeout)));
+                // Only deadlines still ahead: a past one would make the driver spin.
+                let deadlines = [Some(self.started_at), module.started_at]
+                    .into_iter()
+                    .flatten()
+                    .map(|started| started.plus(self.settings.timeout))
+                    .filter(|deadline| *deadline > self.now);
+                for deadline in deadlines {
+                    due = earliest(due, Some(deadline));
                 }
             }
         }
@@ -463,6 +468,16 @@ impl Node {
         let mut effects: Vec<Effect> = Vec::new();
         let module = &mut self.modules[id.0];
         let before = module.fingerprint();
+        let facts_now = module.peer_facts(&policy::Context {
+            startup_over,
+            local_name: &local_name,
+            peer_name: &peer_name,
+            peer: peer.as_ref(),
+            peer_incarnation,
+            peer_alive: self_peer_alive,
+            my_incarnation,
+            peer_max_epoch,
+        });
 
         // Split brain: both hold the primary role while connected. The deterministic loser
         // fences at once, before anything else happens.
@@ -486,6 +501,7 @@ impl Node {
             ));
             module.fence(&mut effects);
             module.hold = Some(format!("split brain with {peer_name}: waiting for the operator"));
+            module.abandon_promotion("split brain: stepping down", facts_now);
         }
 
         // Link down on the primary: fence at once; the step-down follows.
@@ -496,6 +512,7 @@ impl Node {
                     .into(),
             ));
             module.fence(&mut effects);
+            module.abandon_promotion("interface down", facts_now);
         }
 
         module.update_grant(peer.as_ref(), peer_incarnation, &local_name, &peer_name, &mut logs);

@@ -24,7 +24,9 @@ use crate::driver::{ApiRequest, Shared};
 /// Binds the socket: its directory is created root-only, a stale socket is replaced, and the
 /// socket itself is mode 0600.
 pub(crate) fn bind(socket: &Path) -> Result<UnixListener> {
-    let directory = socket.parent().context("the control socket path has no directory")?;
+    let directory = socket
+        .parent()
+        .context("the control socket path has no directory")?;
     std::fs::create_dir_all(directory)
         .with_context(|| format!("cannot create {}", directory.display()))?;
     if std::os::unix::net::UnixStream::connect(socket).is_ok() {
@@ -76,30 +78,42 @@ async fn not_found() -> Failure {
 }
 
 fn module_index(shared: &Shared, name: &str) -> Result<usize, Failure> {
-    shared.config.modules.iter().position(|module| module.name() == name).ok_or_else(|| {
-        Failure(
-            StatusCode::NOT_FOUND,
-            format!(
-                "no module {name:?}; configured: {}",
-                shared
-                    .config
-                    .modules
-                    .iter()
-                    .map(|module| module.name())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        )
-    })
+    shared
+        .config
+        .modules
+        .iter()
+        .position(|module| module.name() == name)
+        .ok_or_else(|| {
+            Failure(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no module {name:?}; configured: {}",
+                    shared
+                        .config
+                        .modules
+                        .iter()
+                        .map(|module| module.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })
 }
 
 fn daemon_gone() -> Failure {
-    Failure(StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down".into())
+    Failure(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the daemon is shutting down".into(),
+    )
 }
 
 async fn status(State(shared): State<Shared>) -> Result<axum::Json<tandem_api::Status>, Failure> {
     let (reply, answer) = oneshot::channel();
-    shared.requests.send(ApiRequest::Status(reply)).await.map_err(|_| daemon_gone())?;
+    shared
+        .requests
+        .send(ApiRequest::Status(reply))
+        .await
+        .map_err(|_| daemon_gone())?;
     answer.await.map(axum::Json).map_err(|_| daemon_gone())
 }
 
@@ -120,7 +134,11 @@ async fn command(
     let (reply, answer) = oneshot::channel();
     shared
         .requests
-        .send(ApiRequest::Command { module, command, reply })
+        .send(ApiRequest::Command {
+            module,
+            command,
+            reply,
+        })
         .await
         .map_err(|_| daemon_gone())?;
     match answer.await.map_err(|_| daemon_gone())? {
@@ -143,8 +161,17 @@ async fn read_log(
     let index = module_index(&shared, &module)?;
     let logs = &shared.logs[index];
     let count = query.n.unwrap_or(50).min(100_000);
-    let lines = if query.app.unwrap_or(false) { logs.app.tail(count) } else { logs.module.tail(count) }
-        .map_err(|error| Failure(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read the log: {error}")))?;
+    let lines = if query.app.unwrap_or(false) {
+        logs.app.tail(count)
+    } else {
+        logs.module.tail(count)
+    }
+    .map_err(|error| {
+        Failure(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot read the log: {error}"),
+        )
+    })?;
     Ok(axum::Json(LogLines { lines }))
 }
 
@@ -169,27 +196,26 @@ async fn write_log(
     };
     let message: String = write.message.chars().take(4096).collect();
     shared.logs[index].write(level, &message);
-    Ok(axum::Json(CommandReply { message: "logged".into() }))
+    Ok(axum::Json(CommandReply {
+        message: "logged".into(),
+    }))
 }
 
 async fn events(State(shared): State<Shared>) -> Response {
     let receiver = shared.events.subscribe();
-    let stream = futures::stream::unfold(
-        (receiver, true),
-        |(mut receiver, first)| async move {
-            if first {
-                return Some((line(&Event::Heartbeat), (receiver, false)));
+    let stream = futures::stream::unfold((receiver, true), |(mut receiver, first)| async move {
+        if first {
+            return Some((line(&Event::Heartbeat), (receiver, false)));
+        }
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), receiver.recv()).await {
+                Err(_) => return Some((line(&Event::Heartbeat), (receiver, false))),
+                Ok(Ok(event)) => return Some((line(&event), (receiver, false))),
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => continue,
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return None,
             }
-            loop {
-                match tokio::time::timeout(Duration::from_secs(5), receiver.recv()).await {
-                    Err(_) => return Some((line(&Event::Heartbeat), (receiver, false))),
-                    Ok(Ok(event)) => return Some((line(&event), (receiver, false))),
-                    Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => continue,
-                    Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return None,
-                }
-            }
-        },
-    );
+        }
+    });
     Response::builder()
         .header("content-type", "application/x-ndjson")
         .body(Body::from_stream(stream))

@@ -40,7 +40,11 @@ pub struct DaemonOptions {
 #[derive(Debug)]
 pub(crate) enum ApiRequest {
     Status(oneshot::Sender<tandem_api::Status>),
-    Command { module: usize, command: Command, reply: oneshot::Sender<Result<String, String>> },
+    Command {
+        module: usize,
+        command: Command,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
 }
 
 /// What the API server shares with the loop.
@@ -69,7 +73,10 @@ impl ModuleLogs {
         }
         let line = format!("{} {message}", level.letter());
         // No subscriber is fine.
-        let _ = self.events.send(tandem_api::Event::Log { module: self.name.clone(), line });
+        let _ = self.events.send(tandem_api::Event::Log {
+            module: self.name.clone(),
+            line,
+        });
     }
 }
 
@@ -107,8 +114,14 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
     let settings = config
         .node_settings(&node_name)
         .with_context(|| format!("node {node_name:?} is not in the configuration"))?;
-    let peer = config.peer_of(&node_name).context("the configuration has no peer node")?.clone();
-    let local = config.node(&node_name).context("the local node is not configured")?.clone();
+    let peer = config
+        .peer_of(&node_name)
+        .context("the configuration has no peer node")?
+        .clone();
+    let local = config
+        .node(&node_name)
+        .context("the local node is not configured")?
+        .clone();
 
     let state = StateDir::open(&config.daemon.state_dir)?;
     let incarnation = state.next_incarnation()?;
@@ -165,7 +178,11 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         interval: Duration::from_millis(50),
         second_burst_delay: Some(Duration::from_secs(3)),
     };
-    let vips = Arc::new(VipManager::with_config(announce).await.context("cannot open netlink")?);
+    let vips = Arc::new(
+        VipManager::with_config(announce)
+            .await
+            .context("cannot open netlink")?,
+    );
     let vip_specs: Vec<Vec<VipSpec>> = config
         .modules
         .iter()
@@ -190,12 +207,18 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
             match vips.release(spec).await {
                 Ok(report) if report.was_present() => module_logs.write(
                     tandem_scripts::Level::Warn,
-                    &format!("removed virtual IP {}/{} left by an earlier run", spec.addr, spec.prefix),
+                    &format!(
+                        "removed virtual IP {}/{} left by an earlier run",
+                        spec.addr, spec.prefix
+                    ),
                 ),
                 Ok(_) => {}
                 Err(error) => module_logs.write(
                     tandem_scripts::Level::Error,
-                    &format!("cannot check virtual IP {}/{}: {error}", spec.addr, spec.prefix),
+                    &format!(
+                        "cannot check virtual IP {}/{}: {error}",
+                        spec.addr, spec.prefix
+                    ),
                 ),
             }
         }
@@ -210,12 +233,18 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
             Err(error) => {
                 logs[index].write(
                     tandem_scripts::Level::Error,
-                    &format!("cannot find the interface of virtual IP {}: {error}", spec.addr),
+                    &format!(
+                        "cannot find the interface of virtual IP {}: {error}",
+                        spec.addr
+                    ),
                 );
                 continue;
             }
         };
-        let mut watch = match vips.watch_link(&interface, Duration::from_millis(100)).await {
+        let mut watch = match vips
+            .watch_link(&interface, Duration::from_millis(100))
+            .await
+        {
             Ok(watch) => watch,
             Err(error) => {
                 logs[index].write(
@@ -255,7 +284,10 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         .iter()
         .zip(logs.iter())
         .map(|(module, module_logs)| {
-            ScriptRunner::new(script_env(&config, module, &node_name, &peer.name), module_logs.app.clone())
+            ScriptRunner::new(
+                script_env(&config, module, &node_name, &peer.name),
+                module_logs.app.clone(),
+            )
         })
         .collect();
 
@@ -380,7 +412,11 @@ impl Driver {
         if let Some(reply) = reply {
             self.pending.insert(request, reply);
         }
-        self.input(Input::Command { module, command, request });
+        self.input(Input::Command {
+            module,
+            command,
+            request,
+        });
     }
 
     fn begin_shutdown(&mut self) {
@@ -394,9 +430,11 @@ impl Driver {
     }
 
     fn all_stopped(&self) -> bool {
-        self.node.status().modules.iter().all(|module| {
-            module.state == tandem_core::State::Stop && module.running_step.is_none()
-        })
+        self.node
+            .status()
+            .modules
+            .iter()
+            .all(|module| module.state == tandem_core::State::Stop && module.running_step.is_none())
     }
 
     fn broadcast_all(&self, message: &str) {
@@ -420,7 +458,8 @@ impl Driver {
             NetEvent::ChannelUp { peer_addr } => {
                 self.channel_up = true;
                 self.broadcast_all(&format!("peer channel established with {peer_addr}"));
-                self.net.send_channel(ChannelMessage::Snapshot(self.node.snapshot()));
+                self.net
+                    .send_channel(ChannelMessage::Snapshot(self.node.snapshot()));
             }
             NetEvent::ChannelDown { reason } => {
                 if self.channel_up {
@@ -428,7 +467,11 @@ impl Driver {
                     self.broadcast_all(&format!("peer channel down: {reason}"));
                 }
             }
-            NetEvent::Refused { from, channel, reason } => {
+            NetEvent::Refused {
+                from,
+                channel,
+                reason,
+            } => {
                 let message = format!("refused {channel} traffic from {from}: {reason}");
                 tracing::warn!("{message}");
                 for logs in self.logs.iter() {
@@ -443,7 +486,11 @@ impl Driver {
             ApiRequest::Status(reply) => {
                 let _ = reply.send(self.status());
             }
-            ApiRequest::Command { module, command, reply } => {
+            ApiRequest::Command {
+                module,
+                command,
+                reply,
+            } => {
                 self.command(ModuleId(module), command, Some(reply));
             }
         }
@@ -490,7 +537,11 @@ impl Driver {
                     std::process::exit(70);
                 }
             }
-            Effect::Log { module, level, message } => {
+            Effect::Log {
+                module,
+                level,
+                message,
+            } => {
                 let level = match level {
                     Level::Info => tandem_scripts::Level::Info,
                     Level::Warn => tandem_scripts::Level::Warn,
@@ -505,12 +556,19 @@ impl Driver {
                     }
                 }
             }
-            Effect::StateChanged { module, state, ready } => {
+            Effect::StateChanged {
+                module,
+                state,
+                ready,
+            } => {
                 let name = self.config.modules[module.0].name().to_owned();
                 self.module_log(
                     module,
                     tandem_scripts::Level::Info,
-                    &format!("local state {state} {}", if ready { "ready" } else { "transient" }),
+                    &format!(
+                        "local state {state} {}",
+                        if ready { "ready" } else { "transient" }
+                    ),
                 );
                 let _ = self.events.send(tandem_api::Event::State {
                     module: name,
@@ -535,12 +593,20 @@ impl Driver {
     fn report(&self, module: ModuleId, step: StepId, outcome: Outcome) {
         let finished = self.finished.clone();
         self.tasks.spawn(async move {
-            let _ = finished.send(Finished { module, step, outcome }).await;
+            let _ = finished
+                .send(Finished {
+                    module,
+                    step,
+                    outcome,
+                })
+                .await;
         });
     }
 
     fn run_script(&self, module: ModuleId, step: StepId, call: ScriptCall) {
-        let Some(runner) = self.runners.get(module.0).cloned() else { return };
+        let Some(runner) = self.runners.get(module.0).cloned() else {
+            return;
+        };
         let logs = self.logs[module.0].clone();
         let finished = self.finished.clone();
         let mut args = Vec::new();
@@ -584,7 +650,13 @@ impl Driver {
                     Outcome::Failed(other.to_string())
                 }
             };
-            let _ = finished.send(Finished { module, step, outcome }).await;
+            let _ = finished
+                .send(Finished {
+                    module,
+                    step,
+                    outcome,
+                })
+                .await;
         });
     }
 
@@ -611,7 +683,11 @@ impl Driver {
                             spec.prefix,
                             report.interface,
                             started.elapsed().as_millis(),
-                            if spec.gratuitous_arp { " (announced)" } else { "" }
+                            if spec.gratuitous_arp {
+                                " (announced)"
+                            } else {
+                                ""
+                            }
                         )
                     })
                 } else {
@@ -641,7 +717,13 @@ impl Driver {
                     }
                 }
             }
-            let _ = finished.send(Finished { module, step, outcome }).await;
+            let _ = finished
+                .send(Finished {
+                    module,
+                    step,
+                    outcome,
+                })
+                .await;
         });
         if !acquire && let Some(held) = self.vip_held.get_mut(module.0) {
             *held = false;
@@ -707,8 +789,8 @@ impl Driver {
                     held: module.held.clone(),
                     running: module.running_step.clone(),
                     last_transition: module.last_transition.as_ref().map(|transition| {
-                        let ago = u64::try_from(now.since(transition.at).as_millis())
-                            .unwrap_or(u64::MAX);
+                        let ago =
+                            u64::try_from(now.since(transition.at).as_millis()).unwrap_or(u64::MAX);
                         tandem_api::Transition {
                             from: transition.from.as_str().to_owned(),
                             to: transition.to.as_str().to_owned(),
@@ -761,14 +843,17 @@ fn open_logs(
         .iter()
         .map(|module| {
             let directory = config.daemon.log_dir.join(module.name());
-            std::fs::create_dir_all(&directory)
-                .with_context(|| format!("cannot create the log directory {}", directory.display()))?;
+            std::fs::create_dir_all(&directory).with_context(|| {
+                format!("cannot create the log directory {}", directory.display())
+            })?;
             Ok(ModuleLogs {
                 name: module.name().to_owned(),
-                module: ModuleLog::open(directory.join("module.log"))
-                    .with_context(|| format!("cannot open the module log in {}", directory.display()))?,
-                app: AppLog::open(directory.join("app.log"))
-                    .with_context(|| format!("cannot open the application log in {}", directory.display()))?,
+                module: ModuleLog::open(directory.join("module.log")).with_context(|| {
+                    format!("cannot open the module log in {}", directory.display())
+                })?,
+                app: AppLog::open(directory.join("app.log")).with_context(|| {
+                    format!("cannot open the application log in {}", directory.display())
+                })?,
                 events: events.clone(),
             })
         })
@@ -783,25 +868,50 @@ fn script_env(config: &Config, module: &ModuleConfig, node: &str, peer: &str) ->
         .unwrap_or_default();
     let path = format!(
         "{binary_dir}:{}",
-        std::env::var("PATH").unwrap_or_else(|_| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into())
+        std::env::var("PATH").unwrap_or_else(|_| {
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
+        })
     );
     let mut vars = vec![
         ("TANDEM_MODULE".to_owned(), module.name().to_owned()),
         ("TANDEM_NODE".to_owned(), node.to_owned()),
         ("TANDEM_PEER".to_owned(), peer.to_owned()),
-        ("TANDEM_CONFIG".to_owned(), config.path.display().to_string()),
-        ("TANDEM_MODULE_DIR".to_owned(), module.scripts_dir.display().to_string()),
-        ("TANDEM_SOCKET".to_owned(), config.daemon.socket.display().to_string()),
-        ("TANDEM_LOG_DIR".to_owned(), config.daemon.log_dir.join(module.name()).display().to_string()),
+        (
+            "TANDEM_CONFIG".to_owned(),
+            config.path.display().to_string(),
+        ),
+        (
+            "TANDEM_MODULE_DIR".to_owned(),
+            module.scripts_dir.display().to_string(),
+        ),
+        (
+            "TANDEM_SOCKET".to_owned(),
+            config.daemon.socket.display().to_string(),
+        ),
+        (
+            "TANDEM_LOG_DIR".to_owned(),
+            config
+                .daemon
+                .log_dir
+                .join(module.name())
+                .display()
+                .to_string(),
+        ),
         ("PATH".to_owned(), path),
     ];
     if let Some(vip) = module.vips.first() {
         vars.push(("TANDEM_VIP".to_owned(), vip.addr.to_string()));
     }
-    let replicated: Vec<String> =
-        module.replicated.iter().map(|dir| dir.dir.display().to_string()).collect();
+    let replicated: Vec<String> = module
+        .replicated
+        .iter()
+        .map(|dir| dir.dir.display().to_string())
+        .collect();
     vars.push(("TANDEM_REPLICATED".to_owned(), replicated.join(":")));
-    ScriptEnv { scripts_dir: module.scripts_dir.clone(), vars }
+    ScriptEnv {
+        scripts_dir: module.scripts_dir.clone(),
+        vars,
+    }
 }
 
 fn resolve_node_name(config: &Config, explicit: Option<&str>) -> Result<String> {
@@ -810,7 +920,12 @@ fn resolve_node_name(config: &Config, explicit: Option<&str>) -> Result<String> 
             bail!(
                 "node {name:?} is not configured in {}; configured nodes: {}",
                 config.path.display(),
-                config.nodes.iter().map(|node| node.name.as_str()).collect::<Vec<_>>().join(", ")
+                config
+                    .nodes
+                    .iter()
+                    .map(|node| node.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         return Ok(name.to_owned());
@@ -826,5 +941,9 @@ fn resolve_node_name(config: &Config, explicit: Option<&str>) -> Result<String> 
             }
         })
         .collect();
-    Ok(config.local_node(&local_addrs).map_err(|error| anyhow::anyhow!("{error}"))?.name.clone())
+    Ok(config
+        .local_node(&local_addrs)
+        .map_err(|error| anyhow::anyhow!("{error}"))?
+        .name
+        .clone())
 }

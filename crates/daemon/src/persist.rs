@@ -36,7 +36,9 @@ impl StateDir {
     pub fn open(root: &Path) -> Result<StateDir> {
         fs::create_dir_all(root.join("modules"))
             .with_context(|| format!("cannot create the state directory {}", root.display()))?;
-        Ok(StateDir { root: root.to_owned() })
+        Ok(StateDir {
+            root: root.to_owned(),
+        })
     }
 
     fn record_path(&self, module: &str) -> PathBuf {
@@ -58,9 +60,17 @@ impl StateDir {
         let file: RecordFile = serde_json::from_str(&text)
             .with_context(|| format!("corrupt state record {}", path.display()))?;
         let claim = claim_from(&file.claim).with_context(|| {
-            format!("corrupt state record {}: unknown claim {:?}", path.display(), file.claim)
+            format!(
+                "corrupt state record {}: unknown claim {:?}",
+                path.display(),
+                file.claim
+            )
         })?;
-        Ok(Persisted { claim, epoch: file.epoch, last_primary: file.last_primary })
+        Ok(Persisted {
+            claim,
+            epoch: file.epoch,
+            last_primary: file.last_primary,
+        })
     }
 
     /// Durably replaces a module's record.
@@ -93,13 +103,17 @@ impl StateDir {
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let directory = path.parent().context("a state file has no parent directory")?;
+    let directory = path
+        .parent()
+        .context("a state file has no parent directory")?;
     let temporary = path.with_extension("tmp");
     {
         let mut file = File::create(&temporary)
             .with_context(|| format!("cannot write {}", temporary.display()))?;
-        file.write_all(bytes).with_context(|| format!("cannot write {}", temporary.display()))?;
-        file.sync_all().with_context(|| format!("cannot sync {}", temporary.display()))?;
+        file.write_all(bytes)
+            .with_context(|| format!("cannot write {}", temporary.display()))?;
+        file.sync_all()
+            .with_context(|| format!("cannot sync {}", temporary.display()))?;
     }
     fs::rename(&temporary, path).with_context(|| format!("cannot replace {}", path.display()))?;
     File::open(directory)
@@ -118,7 +132,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
         assert_eq!(state.load("demo").unwrap(), Persisted::default());
-        let record = Persisted { claim: Claim::Exclusive, epoch: 7, last_primary: true };
+        let record = Persisted {
+            claim: Claim::Exclusive,
+            epoch: 7,
+            last_primary: true,
+        };
         state.store("demo", &record).unwrap();
         assert_eq!(state.load("demo").unwrap(), record);
     }

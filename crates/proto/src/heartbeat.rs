@@ -32,7 +32,10 @@ impl std::fmt::Debug for HeartbeatKey {
 impl HeartbeatKey {
     /// Derives the heartbeat key from the cluster secret.
     pub fn derive(cluster_secret: &[u8]) -> HeartbeatKey {
-        HeartbeatKey(blake3::derive_key("tandem 2026-11 heartbeat mac v1", cluster_secret))
+        HeartbeatKey(blake3::derive_key(
+            "tandem 2026-11 heartbeat mac v1",
+            cluster_secret,
+        ))
     }
 }
 
@@ -100,8 +103,7 @@ pub fn decode(
     let (body, mac) = packet.split_at(packet.len() - MAC_LEN);
     let expected = blake3::keyed_hash(&key.0, body);
     // blake3::Hash equality is constant-time.
-    if expected != blake3::Hash::from_bytes(mac.try_into().map_err(|_| HeartbeatError::BadMac)?)
-    {
+    if expected != blake3::Hash::from_bytes(mac.try_into().map_err(|_| HeartbeatError::BadMac)?) {
         return Err(HeartbeatError::BadMac);
     }
     let read_u64 = |at: usize| {
@@ -109,7 +111,11 @@ pub fn decode(
         bytes.copy_from_slice(&body[at..at + 8]);
         u64::from_le_bytes(bytes)
     };
-    let header = PacketHeader { network: body[6], incarnation: read_u64(7), seq: read_u64(15) };
+    let header = PacketHeader {
+        network: body[6],
+        incarnation: read_u64(7),
+        seq: read_u64(15),
+    };
     let mut len_bytes = [0u8; 4];
     len_bytes.copy_from_slice(&body[23..27]);
     let payload_len = usize::try_from(u32::from_le_bytes(len_bytes)).unwrap_or(usize::MAX);
@@ -178,7 +184,11 @@ mod tests {
     }
 
     fn header(seq: u64) -> PacketHeader {
-        PacketHeader { network: 0, incarnation: 7, seq }
+        PacketHeader {
+            network: 0,
+            incarnation: 7,
+            seq,
+        }
     }
 
     #[test]
@@ -191,7 +201,10 @@ mod tests {
     #[test]
     fn wrong_secret_is_refused() {
         let packet = encode(&HeartbeatKey::derive(b"secret"), header(1), &snapshot());
-        assert_eq!(decode(&HeartbeatKey::derive(b"other"), &packet), Err(HeartbeatError::BadMac));
+        assert_eq!(
+            decode(&HeartbeatKey::derive(b"other"), &packet),
+            Err(HeartbeatError::BadMac)
+        );
     }
 
     #[test]
@@ -213,10 +226,18 @@ mod tests {
         assert!(!window.accept(header(4)));
         assert!(window.accept(header(6)));
         // A restarted peer (newer incarnation) is accepted with a low sequence number.
-        assert!(window.accept(PacketHeader { network: 0, incarnation: 8, seq: 1 }));
+        assert!(window.accept(PacketHeader {
+            network: 0,
+            incarnation: 8,
+            seq: 1
+        }));
         assert!(!window.accept(header(100)));
         // Networks are independent.
-        assert!(window.accept(PacketHeader { network: 1, incarnation: 8, seq: 1 }));
+        assert!(window.accept(PacketHeader {
+            network: 1,
+            incarnation: 8,
+            seq: 1
+        }));
     }
 
     proptest! {

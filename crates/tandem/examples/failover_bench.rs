@@ -35,8 +35,14 @@ fn main() -> anyhow::Result<()> {
         .map(|dir| dir.join("tandem"))
         .filter(|path| path.exists())
         .unwrap_or_else(|| PathBuf::from("target/release/tandem"));
-    println!("tandem failover benchmark ({}), default settings: pulse 250ms, timeout 2s", binary.display());
-    let cluster = Cluster::create(&ClusterSpec::new(LabSpec::new(["node1", "node2", "client"])), &binary)?;
+    println!(
+        "tandem failover benchmark ({}), default settings: pulse 250ms, timeout 2s",
+        binary.display()
+    );
+    let cluster = Cluster::create(
+        &ClusterSpec::new(LabSpec::new(["node1", "node2", "client"])),
+        &binary,
+    )?;
     cluster.bootstrap()?;
 
     let mut times = Vec::new();
@@ -44,10 +50,13 @@ fn main() -> anyhow::Result<()> {
     for run in 1..=runs {
         let secondary = if primary == "node1" { "node2" } else { "node1" };
         wait_answer(&cluster, primary, Duration::from_secs(30))?;
-        let daemon = cluster.daemon_pid(primary).ok_or_else(|| anyhow::anyhow!("no daemon on {primary}"))?;
-        let app: Option<u32> = std::fs::read_to_string(cluster.node_dir(primary)?.join("log/demo/sample-app.pid"))
-            .ok()
-            .and_then(|text| text.trim().parse().ok());
+        let daemon = cluster
+            .daemon_pid(primary)
+            .ok_or_else(|| anyhow::anyhow!("no daemon on {primary}"))?;
+        let app: Option<u32> =
+            std::fs::read_to_string(cluster.node_dir(primary)?.join("log/demo/sample-app.pid"))
+                .ok()
+                .and_then(|text| text.trim().parse().ok());
         let started = Instant::now();
         cluster.lab.kill(daemon, libc::SIGKILL)?;
         if let Some(app) = app {
@@ -56,7 +65,10 @@ fn main() -> anyhow::Result<()> {
         }
         wait_answer(&cluster, secondary, Duration::from_secs(60))?;
         let elapsed = started.elapsed();
-        println!("run {run:2}: {primary} killed, {secondary} answered on the VIP after {:.3} s", elapsed.as_secs_f64());
+        println!(
+            "run {run:2}: {primary} killed, {secondary} answered on the VIP after {:.3} s",
+            elapsed.as_secs_f64()
+        );
         times.push(elapsed);
         cluster.lab.wait_exit(daemon, Duration::from_secs(10))?;
         cluster.start_daemon(primary)?;
@@ -66,7 +78,8 @@ fn main() -> anyhow::Result<()> {
         primary = secondary;
     }
     times.sort();
-    let percentile = |p: f64| times[((times.len() as f64 - 1.0) * p).round() as usize].as_secs_f64();
+    let percentile =
+        |p: f64| times[((times.len() as f64 - 1.0) * p).round() as usize].as_secs_f64();
     if !times.is_empty() {
         println!(
             "failover time over {} runs: p50 {:.3} s, p95 {:.3} s, min {:.3} s, max {:.3} s (target p50 <= 2.5 s)",
@@ -90,9 +103,19 @@ fn main() -> anyhow::Result<()> {
                 let now = cluster.status(node)?;
                 let module = &now["modules"][0];
                 let was = &before[index]["modules"][0];
-                if module["state"] != was["state"] || module["epoch"] != was["epoch"] || module["ready"] != true {
+                if module["state"] != was["state"]
+                    || module["epoch"] != was["epoch"]
+                    || module["ready"] != true
+                {
                     changes += 1;
-                    println!("  {node}: {} {} epoch {} (was {} epoch {})", module["state"], module["ready"], module["epoch"], was["state"], was["epoch"]);
+                    println!(
+                        "  {node}: {} {} epoch {} (was {} epoch {})",
+                        module["state"],
+                        module["ready"],
+                        module["epoch"],
+                        was["state"],
+                        was["epoch"]
+                    );
                 }
             }
         }
@@ -110,7 +133,11 @@ fn main() -> anyhow::Result<()> {
 fn start_load(cluster: &Cluster) -> anyhow::Result<Vec<Child>> {
     let mut children = Vec::new();
     for _ in 0..2 {
-        children.push(Command::new("sh").args(["-c", "while :; do :; done"]).spawn()?);
+        children.push(
+            Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .spawn()?,
+        );
     }
     let file = cluster.lab.dir().join("load.bin");
     children.push(
@@ -128,8 +155,11 @@ fn wait_answer(cluster: &Cluster, node: &str, timeout: Duration) -> anyhow::Resu
     let deadline = Instant::now() + timeout;
     loop {
         let answer = cluster.lab.in_netns("client", move || -> Option<String> {
-            let mut stream = TcpStream::connect_timeout(&address, Duration::from_millis(200)).ok()?;
-            stream.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+            let mut stream =
+                TcpStream::connect_timeout(&address, Duration::from_millis(200)).ok()?;
+            stream
+                .set_read_timeout(Some(Duration::from_millis(500)))
+                .ok()?;
             stream.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
             let mut text = String::new();
             stream.read_to_string(&mut text).ok()?;

@@ -33,7 +33,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
             }))?;
             Ok(ExitCode::SUCCESS)
         }
-        Commands::Config { command: ConfigCommand::Check { path } } => {
+        Commands::Config {
+            command: ConfigCommand::Check { path },
+        } => {
             let path = path.clone().unwrap_or_else(|| args.config.clone());
             match Config::load(&path) {
                 Ok(config) => {
@@ -41,8 +43,18 @@ pub fn run(args: Args) -> Result<ExitCode> {
                         "{}: valid (cluster {:?}; nodes {}; modules {})",
                         path.display(),
                         config.cluster.name,
-                        config.nodes.iter().map(|node| node.name.as_str()).collect::<Vec<_>>().join(", "),
-                        config.modules.iter().map(|module| module.name()).collect::<Vec<_>>().join(", ")
+                        config
+                            .nodes
+                            .iter()
+                            .map(|node| node.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        config
+                            .modules
+                            .iter()
+                            .map(|module| module.name())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     );
                     Ok(ExitCode::SUCCESS)
                 }
@@ -53,7 +65,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
             }
         }
         Commands::Secret => {
-            println!("{}", tandem_config::try_generate_secret().context("cannot generate a secret")?);
+            println!(
+                "{}",
+                tandem_config::try_generate_secret().context("cannot generate a secret")?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Commands::Demo { command } => crate::demo::run(command.as_ref()),
@@ -69,7 +84,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
 fn init_tracing() {
     let filter = tracing_subscriber_filter();
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
 }
 
 fn tracing_subscriber_filter() -> tracing_subscriber::EnvFilter {
@@ -107,8 +125,14 @@ async fn client_command(args: &Args) -> Result<ExitCode> {
             let name = module_name()?;
             let status = client.status().await?;
             let module = find(&status, &name)?;
-            println!("{} {}", module.state, if module.ready { "ready" } else { "transient" });
-            let code = tandem_core::State::parse(&module.state).map(|state| state.exit_code()).unwrap_or(1);
+            println!(
+                "{} {}",
+                module.state,
+                if module.ready { "ready" } else { "transient" }
+            );
+            let code = tandem_core::State::parse(&module.state)
+                .map(|state| state.exit_code())
+                .unwrap_or(1);
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(EXIT_ERROR)))
         }
         Commands::WaitState { state, timeout } => {
@@ -158,11 +182,18 @@ async fn client_command(args: &Args) -> Result<ExitCode> {
         }
         Commands::Printi { message } | Commands::Printe { message } => {
             let name = module_name()?;
-            let level = if matches!(args.command, Commands::Printi { .. }) { "info" } else { "error" };
+            let level = if matches!(args.command, Commands::Printi { .. }) {
+                "info"
+            } else {
+                "error"
+            };
             let _: tandem_api::CommandReply = client
                 .post(
                     &format!("/v1/modules/{name}/log"),
-                    &LogWrite { level: level.into(), message: message.join(" ") },
+                    &LogWrite {
+                        level: level.into(),
+                        message: message.join(" "),
+                    },
                 )
                 .await?;
             Ok(ExitCode::SUCCESS)
@@ -218,7 +249,11 @@ async fn wait_state(
             };
             match next? {
                 None => break,
-                Some(Event::State { module, state, ready }) if module == name => {
+                Some(Event::State {
+                    module,
+                    state,
+                    ready,
+                }) if module == name => {
                     if state == wanted && ready {
                         println!("{name}: {wanted} ready");
                         return Ok(ExitCode::SUCCESS);
@@ -241,7 +276,9 @@ async fn show_log(
     let mut stdout = std::io::stdout();
     if follow && !app {
         let mut events = client.events().await?;
-        let lines: LogLines = client.get(&format!("/v1/modules/{name}/log?n={count}")).await?;
+        let lines: LogLines = client
+            .get(&format!("/v1/modules/{name}/log?n={count}"))
+            .await?;
         for line in lines.lines {
             writeln!(stdout, "{line}")?;
         }
@@ -266,9 +303,12 @@ async fn show_log(
     stdout.flush()?;
     if follow {
         // The application log is written by the scripts themselves: follow the file.
-        let app_log = tandem_scripts::AppLog::open(config.daemon.log_dir.join(name).join("app.log"))
-            .context("cannot open the application log")?;
-        let mut follower = app_log.follow().context("cannot follow the application log")?;
+        let app_log =
+            tandem_scripts::AppLog::open(config.daemon.log_dir.join(name).join("app.log"))
+                .context("cannot open the application log")?;
+        let mut follower = app_log
+            .follow()
+            .context("cannot follow the application log")?;
         loop {
             for line in follower.read_new()? {
                 writeln!(stdout, "{line}")?;
@@ -310,9 +350,15 @@ fn print_status(status: &Status, only: Option<&str>) {
     let mut out = anstream::stdout();
     let peer = &status.peer;
     let reach = if peer.reachable {
-        painted("reachable", Style::new().fg_color(Some(AnsiColor::Green.into())))
+        painted(
+            "reachable",
+            Style::new().fg_color(Some(AnsiColor::Green.into())),
+        )
     } else {
-        painted("UNREACHABLE", Style::new().fg_color(Some(AnsiColor::Red.into())).bold())
+        painted(
+            "UNREACHABLE",
+            Style::new().fg_color(Some(AnsiColor::Red.into())).bold(),
+        )
     };
     let _ = writeln!(
         out,
@@ -333,9 +379,14 @@ fn print_status(status: &Status, only: Option<&str>) {
         );
     }
     let mut table = Table::new();
-    table.load_style(presets::NOTHING).set_content_arrangement(ContentArrangement::Dynamic);
+    table
+        .load_style(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Dynamic);
     table.set_header(vec!["MODULE", "NODE", "STATE", "DATA", "VIP", "INFO"]);
-    for module in status.modules.iter().filter(|module| only.is_none_or(|name| name == module.name))
+    for module in status
+        .modules
+        .iter()
+        .filter(|module| only.is_none_or(|name| name == module.name))
     {
         let vip = module
             .vip
@@ -357,17 +408,31 @@ fn print_status(status: &Status, only: Option<&str>) {
             module.name.clone(),
             status.node.clone(),
             painted(&local_state, state_style(&module.state, module.ready)),
-            if module.uptodate { "up to date".into() } else { format!("NOT up to date ({})", module.data) },
+            if module.uptodate {
+                "up to date".into()
+            } else {
+                format!("NOT up to date ({})", module.data)
+            },
             vip,
             info,
         ]);
         let (peer_state, peer_style) = match &module.peer.state {
             Some(state) => {
-                let text = format!("{state} {}", if module.peer.ready { "ready" } else { "transient" });
+                let text = format!(
+                    "{state} {}",
+                    if module.peer.ready {
+                        "ready"
+                    } else {
+                        "transient"
+                    }
+                );
                 let style = state_style(state, module.peer.ready);
                 (text, style)
             }
-            None => ("UNKNOWN".to_owned(), Style::new().fg_color(Some(AnsiColor::Red.into()))),
+            None => (
+                "UNKNOWN".to_owned(),
+                Style::new().fg_color(Some(AnsiColor::Red.into())),
+            ),
         };
         table.add_row(vec![
             String::new(),
@@ -379,7 +444,11 @@ fn print_status(status: &Status, only: Option<&str>) {
                 None => "-".into(),
             },
             String::new(),
-            if module.failover { String::new() } else { "failover off".into() },
+            if module.failover {
+                String::new()
+            } else {
+                "failover off".into()
+            },
         ]);
         if let Some(transition) = &module.last_transition {
             table.add_row(vec![

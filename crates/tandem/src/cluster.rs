@@ -97,12 +97,25 @@ impl Cluster {
             &std::fs::read(&info_path)
                 .with_context(|| format!("cannot read {}", info_path.display()))?,
         )?;
-        let vip = info["vip"].as_str().context("cluster.json has no vip")?.parse()?;
+        let vip = info["vip"]
+            .as_str()
+            .context("cluster.json has no vip")?
+            .parse()?;
         let replicated = info["replicated"]
             .as_array()
-            .map(|dirs| dirs.iter().filter_map(|dir| dir.as_str()).map(PathBuf::from).collect())
+            .map(|dirs| {
+                dirs.iter()
+                    .filter_map(|dir| dir.as_str())
+                    .map(PathBuf::from)
+                    .collect()
+            })
             .unwrap_or_default();
-        Ok(Cluster { lab, binary: binary.to_owned(), vip, replicated })
+        Ok(Cluster {
+            lab,
+            binary: binary.to_owned(),
+            vip,
+            replicated,
+        })
     }
 
     /// Leaves the lab running when this value is dropped (`tandem demo up`).
@@ -111,7 +124,10 @@ impl Cluster {
             "vip": self.vip.to_string(),
             "replicated": self.replicated.iter().map(|dir| dir.display().to_string()).collect::<Vec<_>>(),
         });
-        std::fs::write(self.lab.dir().join("cluster.json"), serde_json::to_vec_pretty(&info)?)?;
+        std::fs::write(
+            self.lab.dir().join("cluster.json"),
+            serde_json::to_vec_pretty(&info)?,
+        )?;
         self.lab.keep()
     }
 
@@ -144,7 +160,12 @@ impl Cluster {
         let replicated: String = spec
             .replicated
             .iter()
-            .map(|path| format!("  [[module.replicated]]\n  dir = {:?}\n", path.display().to_string()))
+            .map(|path| {
+                format!(
+                    "  [[module.replicated]]\n  dir = {:?}\n",
+                    path.display().to_string()
+                )
+            })
             .collect();
         let config = format!(
             "# Written by the tandem lab for {node}.\n\
@@ -175,7 +196,8 @@ impl Cluster {
             None => write_sample_scripts(&dir.join("scripts"))?,
         }
         for (index, path) in spec.replicated.iter().enumerate() {
-            self.lab.bind(node, dir.join("data").join(index.to_string()), path)?;
+            self.lab
+                .bind(node, dir.join("data").join(index.to_string()), path)?;
         }
         Ok(())
     }
@@ -184,11 +206,17 @@ impl Cluster {
     pub fn start_daemon(&self, node: &str) -> Result<u32> {
         let dir = self.node_dir(node)?;
         let mut command = std::process::Command::new(&self.binary);
-        command.arg("--config").arg(self.config_path(node)?).arg("daemon");
+        command
+            .arg("--config")
+            .arg(self.config_path(node)?)
+            .arg("daemon");
         let pid = self.lab.spawn(node, &mut command, dir.join("daemon.out"))?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if self.tandem(node, &["status", "--json"]).is_ok_and(|output| output.status.success()) {
+            if self
+                .tandem(node, &["status", "--json"])
+                .is_ok_and(|output| output.status.success())
+            {
                 std::fs::write(dir.join("daemon.pid"), pid.to_string())?;
                 return Ok(pid);
             }
@@ -206,14 +234,22 @@ impl Cluster {
     /// The PID of a node's daemon as last started.
     pub fn daemon_pid(&self, node: &str) -> Option<u32> {
         let text = std::fs::read_to_string(self.node_dir(node).ok()?.join("daemon.pid")).ok()?;
-        text.trim().parse().ok().filter(|&pid| self.lab.is_alive(pid))
+        text.trim()
+            .parse()
+            .ok()
+            .filter(|&pid| self.lab.is_alive(pid))
     }
 
     /// Runs `tandem --config <node's config> ARGS` inside the node.
     pub fn tandem(&self, node: &str, args: &[&str]) -> Result<Output> {
         let mut command = self.lab.command(node, &self.binary)?;
-        command.arg("--config").arg(self.config_path(node)?).args(args);
-        command.output().with_context(|| format!("cannot run tandem in {node}"))
+        command
+            .arg("--config")
+            .arg(self.config_path(node)?)
+            .args(args);
+        command
+            .output()
+            .with_context(|| format!("cannot run tandem in {node}"))
     }
 
     /// Runs a CLI command that must succeed; returns its stdout.
@@ -233,15 +269,22 @@ impl Cluster {
 
     /// The node's `status --json`.
     pub fn status(&self, node: &str) -> Result<serde_json::Value> {
-        Ok(serde_json::from_str(&self.tandem_ok(node, &["status", "--json"])?)?)
+        Ok(serde_json::from_str(
+            &self.tandem_ok(node, &["status", "--json"])?,
+        )?)
     }
 
     /// Waits until the node's module is `state` ready.
     pub fn wait_state(&self, node: &str, state: &str, timeout: Duration) -> Result<()> {
         let seconds = format!("{}ms", timeout.as_millis());
-        self.tandem_ok(node, &["wait-state", state, "--timeout", &seconds]).map(|_| ()).with_context(
-            || format!("{node} did not reach {state} ready; its log:\n{}", self.log_tail(node, 30)),
-        )
+        self.tandem_ok(node, &["wait-state", state, "--timeout", &seconds])
+            .map(|_| ())
+            .with_context(|| {
+                format!(
+                    "{node} did not reach {state} ready; its log:\n{}",
+                    self.log_tail(node, 30)
+                )
+            })
     }
 
     /// The last lines of a node's module log, for error messages.

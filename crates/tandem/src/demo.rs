@@ -90,8 +90,11 @@ pub fn run(command: Option<&DemoCommand>) -> Result<ExitCode> {
             let cluster = Cluster::open(LAB, &binary()?).context("no demo lab is running")?;
             // `tandem` inside the lab is this very binary, wherever it was built or installed.
             let binary = binary()?;
-            let program =
-                if command[0] == "tandem" { binary.clone().into_os_string() } else { command[0].clone().into() };
+            let program = if command[0] == "tandem" {
+                binary.clone().into_os_string()
+            } else {
+                command[0].clone().into()
+            };
             let mut process = cluster.lab.command(host, program)?;
             process.args(&command[1..]);
             if let Some(dir) = binary.parent() {
@@ -101,9 +104,13 @@ pub fn run(command: Option<&DemoCommand>) -> Result<ExitCode> {
             if tandem::cluster::NODES.contains(&host.as_str()) {
                 process.env("TANDEM_CONFIG", cluster.config_path(host)?);
             }
-            let status = process.status().with_context(|| format!("cannot run {:?}", command[0]))?;
+            let status = process
+                .status()
+                .with_context(|| format!("cannot run {:?}", command[0]))?;
             cluster.keep()?;
-            Ok(ExitCode::from(u8::try_from(status.code().unwrap_or(1)).unwrap_or(1)))
+            Ok(ExitCode::from(
+                u8::try_from(status.code().unwrap_or(1)).unwrap_or(1),
+            ))
         }
         Some(DemoCommand::App { listen, dir, node }) => {
             tandem::sample_app::serve(*listen, dir, node)?;
@@ -120,7 +127,10 @@ fn up(args: &UpArgs) -> Result<Cluster> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("the demo builds network namespaces: run it as root");
     }
-    if Cluster::open(LAB, &binary()?).map(|cluster| cluster.keep()).is_ok() {
+    if Cluster::open(LAB, &binary()?)
+        .map(|cluster| cluster.keep())
+        .is_ok()
+    {
         bail!("a demo lab is already running: `tandem demo down` first");
     }
     let mut spec = ClusterSpec::new(LabSpec::demo());
@@ -146,7 +156,10 @@ fn up(args: &UpArgs) -> Result<Cluster> {
 fn print_guide(cluster: &Cluster) -> Result<()> {
     let info = cluster.info()?;
     let pid = |node: &str| {
-        cluster.daemon_pid(node).map(|pid| pid.to_string()).unwrap_or_else(|| "?".into())
+        cluster
+            .daemon_pid(node)
+            .map(|pid| pid.to_string())
+            .unwrap_or_else(|| "?".into())
     };
     println!(
         "\nThe demo cluster runs: node1 {} (daemon pid {}), node2 {} (daemon pid {}), client {}.\n\

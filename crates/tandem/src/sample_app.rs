@@ -11,9 +11,13 @@ use anyhow::{Context, Result};
 /// Serves forever: every request increments `DIR/counter` (written durably) and answers with the
 /// node name and the count.
 pub fn serve(listen: SocketAddr, dir: &Path, node: &str) -> Result<()> {
-    let listener = TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
+    let listener =
+        TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    eprintln!("sample app of {node} listening on {listen}, counting in {}", dir.display());
+    eprintln!(
+        "sample app of {node} listening on {listen}, counting in {}",
+        dir.display()
+    );
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
@@ -23,7 +27,11 @@ pub fn serve(listen: SocketAddr, dir: &Path, node: &str) -> Result<()> {
         });
         let mut line = String::new();
         // Read the request head; the content does not matter.
-        while reader.read_line(&mut line).map(|read| read > 2).unwrap_or(false) {
+        while reader
+            .read_line(&mut line)
+            .map(|read| read > 2)
+            .unwrap_or(false)
+        {
             line.clear();
         }
         let count = match increment(dir) {

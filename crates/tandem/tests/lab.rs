@@ -30,7 +30,10 @@ fn cluster(spec: &ClusterSpec) -> Cluster {
 fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !check() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -41,7 +44,8 @@ fn request(cluster: &Cluster) -> Option<String> {
     cluster
         .lab
         .in_netns("client", move || -> Option<String> {
-            let mut stream = TcpStream::connect_timeout(&address, Duration::from_millis(500)).ok()?;
+            let mut stream =
+                TcpStream::connect_timeout(&address, Duration::from_millis(500)).ok()?;
             stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
             stream.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
             let mut answer = String::new();
@@ -53,16 +57,25 @@ fn request(cluster: &Cluster) -> Option<String> {
 }
 
 fn neighbour_mac(cluster: &Cluster, address: Ipv4Addr) -> Option<String> {
-    let output = cluster.lab.run("client", &["ip", "neigh", "show", &address.to_string()]).ok()?;
+    let output = cluster
+        .lab
+        .run("client", &["ip", "neigh", "show", &address.to_string()])
+        .ok()?;
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     let words: Vec<&str> = text.split_whitespace().collect();
-    words.iter().position(|word| *word == "lladdr").map(|index| words[index + 1].to_lowercase())
+    words
+        .iter()
+        .position(|word| *word == "lladdr")
+        .map(|index| words[index + 1].to_lowercase())
 }
 
 fn state(cluster: &Cluster, node: &str) -> (String, bool) {
     let status = cluster.status(node).unwrap();
     let module = &status["modules"][0];
-    (module["state"].as_str().unwrap().to_owned(), module["ready"].as_bool().unwrap())
+    (
+        module["state"].as_str().unwrap().to_owned(),
+        module["ready"].as_bool().unwrap(),
+    )
 }
 
 fn log_contains(cluster: &Cluster, node: &str, needle: &str) -> bool {
@@ -83,13 +96,22 @@ fn tracing_scripts(dir: &Path, trace: &Path) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let scripts = dir.join("trace-scripts");
     std::fs::create_dir_all(&scripts).unwrap();
-    for name in
-        ["prestart", "start_prim", "stop_prim", "start_second", "stop_second", "poststop", "transition"]
-    {
+    for name in [
+        "prestart",
+        "start_prim",
+        "stop_prim",
+        "start_second",
+        "stop_second",
+        "poststop",
+        "transition",
+    ] {
         let path = scripts.join(name);
         std::fs::write(
             &path,
-            format!("#!/bin/sh\necho \"$TANDEM_NODE {name} $*\" >> {}\n", trace.display()),
+            format!(
+                "#!/bin/sh\necho \"$TANDEM_NODE {name} $*\" >> {}\n",
+                trace.display()
+            ),
         )
         .unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -98,7 +120,11 @@ fn tracing_scripts(dir: &Path, trace: &Path) -> PathBuf {
 }
 
 fn trace_lines(trace: &Path) -> Vec<String> {
-    std::fs::read_to_string(trace).unwrap_or_default().lines().map(str::to_owned).collect()
+    std::fs::read_to_string(trace)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 fn position(lines: &[String], wanted: &str) -> usize {
@@ -129,7 +155,9 @@ fn kill_of_the_primary_fails_over_moves_the_vip_and_the_node_comes_back_second()
     cluster.bootstrap().unwrap();
     let node1_mac = cluster.lab.host("node1").unwrap().mac.to_lowercase();
     let node2_mac = cluster.lab.host("node2").unwrap().mac.to_lowercase();
-    eventually(SETTLE, "the VIP to answer from node1", || request(&cluster).is_some());
+    eventually(SETTLE, "the VIP to answer from node1", || {
+        request(&cluster).is_some()
+    });
     assert_eq!(neighbour_mac(&cluster, cluster.vip), Some(node1_mac));
 
     // (2) kill -9 of the primary's daemon: node2 goes ALONE, runs start_prim, holds the VIP.
@@ -137,11 +165,17 @@ fn kill_of_the_primary_fails_over_moves_the_vip_and_the_node_comes_back_second()
     cluster.wait_state("node2", "ALONE", SETTLE).unwrap();
     let status = cluster.status("node2").unwrap();
     assert_eq!(status["modules"][0]["vip"]["held"], true);
-    assert!(log_contains(&cluster, "node2", "script start_prim SECOND ALONE auto: exit 0"));
+    assert!(log_contains(
+        &cluster,
+        "node2",
+        "script start_prim SECOND ALONE auto: exit 0"
+    ));
     // The client's neighbour entry points at node2 without waiting for ARP expiry (minutes).
-    eventually(Duration::from_secs(5), "the client's ARP entry to move to node2", || {
-        neighbour_mac(&cluster, cluster.vip).as_deref() == Some(node2_mac.as_str())
-    });
+    eventually(
+        Duration::from_secs(5),
+        "the client's ARP entry to move to node2",
+        || neighbour_mac(&cluster, cluster.vip).as_deref() == Some(node2_mac.as_str()),
+    );
     eventually(SETTLE, "the VIP to answer from node2", || {
         request(&cluster).is_some_and(|answer| answer.starts_with("node2: request"))
     });
@@ -176,9 +210,18 @@ fn swap_exchanges_roles_with_scripts_in_order() {
     let transition = position(&lines, "node2 transition SECOND ALONE swap");
     let start_prim = position(&lines, "node2 start_prim SECOND ALONE swap");
     let start_second = position(&lines, "node1 start_second PRIM SECOND swap");
-    assert!(stop_prim < stop_second, "the primary stops before the secondary moves:\n{lines:#?}");
-    assert!(stop_second < transition && transition < start_prim, "{lines:#?}");
-    assert!(start_prim > stop_prim && start_second > stop_prim, "{lines:#?}");
+    assert!(
+        stop_prim < stop_second,
+        "the primary stops before the secondary moves:\n{lines:#?}"
+    );
+    assert!(
+        stop_second < transition && transition < start_prim,
+        "{lines:#?}"
+    );
+    assert!(
+        start_prim > stop_prim && start_second > stop_prim,
+        "{lines:#?}"
+    );
     let status = cluster.status("node2").unwrap();
     assert_eq!(status["modules"][0]["vip"]["held"], true);
     let status = cluster.status("node1").unwrap();
@@ -186,7 +229,10 @@ fn swap_exchanges_roles_with_scripts_in_order() {
     // Both holders checked on the interfaces themselves.
     let address = cluster.vip.to_string();
     let holds = |node: &str| {
-        let output = cluster.lab.run(node, &["ip", "-o", "addr", "show", "dev", "eth0"]).unwrap();
+        let output = cluster
+            .lab
+            .run(node, &["ip", "-o", "addr", "show", "dev", "eth0"])
+            .unwrap();
         String::from_utf8_lossy(&output.stdout).contains(&format!(" {address}/"))
     };
     assert!(holds("node2") && !holds("node1"));
@@ -241,7 +287,13 @@ fn a_peer_with_the_wrong_cluster_secret_is_refused_and_logged() {
     let other = tandem_config::try_generate_secret().unwrap();
     let config: String = config
         .lines()
-        .map(|line| if line.starts_with("secret = ") { format!("secret = {other:?}") } else { line.to_owned() })
+        .map(|line| {
+            if line.starts_with("secret = ") {
+                format!("secret = {other:?}")
+            } else {
+                line.to_owned()
+            }
+        })
         .collect::<Vec<_>>()
         .join("\n");
     std::fs::write(&config_path, config).unwrap();
@@ -318,7 +370,9 @@ fn link_down_on_the_primary_fails_over() {
     cluster.bootstrap().unwrap();
     cluster.lab.link_down("node1").unwrap();
     cluster.wait_state("node2", "ALONE", SETTLE).unwrap();
-    eventually(SETTLE, "node1 to leave the primary role", || state(&cluster, "node1").0 == "WAIT");
+    eventually(SETTLE, "node1 to leave the primary role", || {
+        state(&cluster, "node1").0 == "WAIT"
+    });
     assert!(log_contains(&cluster, "node1", "VIP interface is down"));
     // The link comes back: node1 rejoins as secondary.
     cluster.lab.link_up("node1").unwrap();
