@@ -1,5 +1,6 @@
 //! `tandem demo`: the lab as a user feature (spec §8).
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -202,9 +203,11 @@ fn interactive() -> Result<ExitCode> {
     while !interrupted.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
     }
-    println!("\nstopping the demo...");
+    // The terminal may be gone by now: never fail on printing, always tear down.
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "\nstopping the demo...");
     cluster.destroy()?;
-    println!("demo lab removed");
+    let _ = writeln!(stdout, "demo lab removed");
     Ok(ExitCode::SUCCESS)
 }
 

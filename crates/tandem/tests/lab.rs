@@ -147,6 +147,71 @@ fn both_start_one_prim_one_second_and_the_vip_answers() {
     eventually(SETTLE, "the VIP to answer from node1", || {
         request(&cluster).is_some_and(|answer| answer.starts_with("node1: request"))
     });
+
+    // The fields of `status --json` that the spec fixes.
+    let module = &status["modules"][0];
+    assert_eq!(status["node"], "node1");
+    for key in ["name", "state", "ready", "uptodate"] {
+        assert!(
+            !module[key].is_null(),
+            "status lacks modules[].{key}: {status}"
+        );
+    }
+    assert_eq!(module["peer"]["name"], "node2");
+    assert_eq!(module["peer"]["reachable"], true);
+    assert_eq!(module["vip"]["addr"], format!("{}/24", cluster.vip));
+    assert_eq!(module["resync"]["active"], false);
+    assert!(module["resync"]["done_bytes"].is_u64() && module["resync"]["total_bytes"].is_u64());
+
+    // `tandem state` answers with the state as exit code.
+    assert_eq!(
+        cluster.tandem("node1", &["state"]).unwrap().status.code(),
+        Some(3)
+    );
+    assert_eq!(
+        cluster.tandem("node2", &["state"]).unwrap().status.code(),
+        Some(4)
+    );
+    let waited = cluster
+        .tandem("node2", &["wait-state", "PRIM", "--timeout", "300ms"])
+        .unwrap();
+    assert_eq!(
+        waited.status.code(),
+        Some(11),
+        "wait-state times out with 11"
+    );
+
+    // Scripts write to the module log with printi/printe; `tandem log` shows it.
+    assert!(log_contains(
+        &cluster,
+        "node1",
+        "sample application started"
+    ));
+    cluster
+        .tandem_ok("node1", &["printe", "something", "broke"])
+        .unwrap();
+    let log = cluster.tandem_ok("node1", &["log", "-n", "5"]).unwrap();
+    assert!(
+        log.lines().any(|line| line.ends_with(" E something broke")),
+        "{log}"
+    );
+    let app_log = cluster
+        .tandem_ok("node1", &["log", "--app", "-n", "50"])
+        .unwrap();
+    assert!(
+        app_log.contains("[start_prim] start: WAIT ALONE start"),
+        "{app_log}"
+    );
+    // Refused commands explain themselves and exit 10.
+    let refused = cluster.tandem("node2", &["prim"]).unwrap();
+    assert_eq!(refused.status.code(), Some(10));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("node1 is primary"));
+    // The human status names both nodes and their states.
+    let human = cluster.tandem_ok("node1", &["status"]).unwrap();
+    assert!(
+        human.contains("PRIM ready") && human.contains("SECOND ready"),
+        "{human}"
+    );
 }
 
 #[test]
@@ -378,4 +443,116 @@ fn link_down_on_the_primary_fails_over() {
     cluster.lab.link_up("node1").unwrap();
     cluster.wait_state("node1", "SECOND", SETTLE).unwrap();
     cluster.wait_state("node2", "PRIM", SETTLE).unwrap();
+}
+
+#[test]
+fn the_demo_commands_build_describe_run_in_and_remove_the_lab() {
+    let demo = |args: &[&str]| {
+        std::process::Command::new(binary())
+            .arg("demo")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // A leftover from an interrupted run would make `up` refuse.
+    let _ = demo(&["down"]);
+    let up = demo(&["up"]);
+    let result = std::panic::catch_unwind(|| {
+        assert!(
+            up.status.success(),
+            "{}",
+            String::from_utf8_lossy(&up.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&up.stdout).contains("tandem demo exec node1 -- tandem status")
+        );
+        let info: serde_json::Value =
+            serde_json::from_slice(&demo(&["info", "--json"]).stdout).unwrap();
+        assert_eq!(info["vip"], "10.77.0.100");
+        let hosts = info["hosts"].as_array().unwrap();
+        let names: Vec<&str> = hosts
+            .iter()
+            .map(|host| host["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["node1", "node2", "witness", "client"]);
+        for host in &hosts[..2] {
+            assert!(host["daemon_pid"].is_u64() && host["config"].is_string());
+            assert!(host["namespace"].is_string() && host["address"].is_string());
+        }
+        let state = demo(&["exec", "node1", "--", "tandem", "state"]);
+        assert_eq!(state.status.code(), Some(3), "node1 is PRIM");
+        let state = demo(&["exec", "node2", "--", "tandem", "state"]);
+        assert_eq!(state.status.code(), Some(4), "node2 is SECOND");
+        // Same replicated path on both nodes, different backing directories.
+        let written = demo(&[
+            "exec",
+            "node1",
+            "--",
+            "sh",
+            "-c",
+            "echo one > /srv/tandem-demo/data/mark",
+        ]);
+        assert!(written.status.success());
+        let read = demo(&["exec", "node2", "--", "cat", "/srv/tandem-demo/data/mark"]);
+        assert!(
+            !read.status.success(),
+            "node2 has its own directory until replication exists"
+        );
+    });
+    let down = demo(&["down"]);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert!(
+        !demo(&["info", "--json"]).status.success(),
+        "the lab is gone"
+    );
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+#[test]
+fn the_interactive_demo_tears_everything_down_on_ctrl_c() {
+    use std::io::BufRead;
+    // Serialised with the other demo test by the fixed lab name: wait for it to be free.
+    let free = || !Path::new("/run/tandem-lab/demo").exists();
+    eventually(Duration::from_secs(240), "the demo lab to be free", free);
+    let mut child = std::process::Command::new(binary())
+        .arg("demo")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    // Keep reading until the end, so the demo can print while it shuts down.
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            if line.contains("Press Ctrl-C") {
+                let _ = ready_tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the demo did not come up");
+    // SAFETY: kill(2) of the child this test spawned.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    let output = reader.join().unwrap();
+    assert!(status.success(), "{output}");
+    assert!(output.contains("demo lab removed"), "{output}");
+    assert!(free(), "the lab directory is gone");
+    let namespaces = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&namespaces.stdout).contains("demo"));
 }
