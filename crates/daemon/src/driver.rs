@@ -622,6 +622,14 @@ impl Driver {
             name: call.script.file_name().to_owned(),
             args: args.clone(),
             timeout: call.timeout,
+            vars: vec![
+                ("TANDEM_STATE".to_owned(), call.current.as_str().to_owned()),
+                (
+                    "TANDEM_NEXT_STATE".to_owned(),
+                    call.next.as_str().to_owned(),
+                ),
+                ("TANDEM_ACTION".to_owned(), call.action.as_str().to_owned()),
+            ],
         };
         self.tasks.spawn(async move {
             let report = runner.run(request).await;

@@ -69,6 +69,8 @@ pub struct ScriptRequest {
     pub args: Vec<String>,
     /// Time after which the script's process group is killed.
     pub timeout: Duration,
+    /// Variables for this call only (e.g. `TANDEM_STATE`), set after [`ScriptEnv::vars`].
+    pub vars: Vec<(String, String)>,
 }
 
 /// Where a module's scripts are and what they get in their environment.
@@ -245,6 +247,7 @@ impl ScriptRunner {
         command
             .args(&request.args)
             .envs(self.env.vars.iter().map(|(k, v)| (k, v)))
+            .envs(request.vars.iter().map(|(k, v)| (k, v)))
             .current_dir(&self.env.scripts_dir)
             .stdin(Stdio::null())
             .stdout(self.output())

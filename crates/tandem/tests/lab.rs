@@ -109,8 +109,9 @@ fn tracing_scripts(dir: &Path, trace: &Path) -> PathBuf {
         std::fs::write(
             &path,
             format!(
-                "#!/bin/sh\necho \"$TANDEM_NODE {name} $*\" >> {}\n",
-                trace.display()
+                "#!/bin/sh\necho \"$TANDEM_NODE {name} $*\" >> {trace}\n\
+                 echo \"$TANDEM_MODULE $TANDEM_NODE $TANDEM_STATE $TANDEM_CONFIG\" >> {trace}.env\n",
+                trace = trace.display()
             ),
         )
         .unwrap();
@@ -301,6 +302,13 @@ fn swap_exchanges_roles_with_scripts_in_order() {
         String::from_utf8_lossy(&output.stdout).contains(&format!(" {address}/"))
     };
     assert!(holds("node2") && !holds("node1"));
+    // Scripts get the module, node, current state and configuration in their environment.
+    let env = std::fs::read_to_string(trace.with_extension("env")).unwrap();
+    let config = cluster.config_path("node1").unwrap();
+    assert!(
+        env.contains(&format!("demo node1 PRIM {}", config.display())),
+        "{env}"
+    );
 }
 
 #[test]

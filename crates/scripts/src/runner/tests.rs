@@ -56,6 +56,7 @@ fn request(name: &str, args: &[&str], timeout: Duration) -> ScriptRequest {
         name: name.to_owned(),
         args: args.iter().map(|s| (*s).to_owned()).collect(),
         timeout,
+        vars: Vec::new(),
     }
 }
 
