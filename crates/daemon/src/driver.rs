@@ -104,7 +104,6 @@ struct Driver {
     tasks: TaskTracker,
     channel_up: bool,
     last_heard: Vec<Option<Instant>>,
-    vip_held: Vec<bool>,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT (modules are stopped first) or a fatal error.
@@ -329,7 +328,6 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         tasks: tasks.clone(),
         channel_up: false,
         last_heard: vec![None; n_networks],
-        vip_held: vec![false; n_modules],
     };
 
     if config.daemon.autostart {
@@ -670,12 +668,6 @@ impl Driver {
 
     fn move_vips(&mut self, module: ModuleId, step: StepId, acquire: bool) {
         let specs = self.vip_specs.get(module.0).cloned().unwrap_or_default();
-        if let Some(held) = self.vip_held.get_mut(module.0) {
-            // Shown as held from the moment the move starts until the release finished.
-            if acquire {
-                *held = !specs.is_empty();
-            }
-        }
         let vips = Arc::clone(&self.vips);
         let logs = self.logs[module.0].clone();
         let finished = self.finished.clone();
@@ -733,9 +725,6 @@ impl Driver {
                 })
                 .await;
         });
-        if !acquire && let Some(held) = self.vip_held.get_mut(module.0) {
-            *held = false;
-        }
     }
 
     fn status(&self) -> tandem_api::Status {

@@ -7,8 +7,6 @@
 //!    disk writer; any transition or epoch change of either node during that time is a false
 //!    failover.
 
-#![allow(clippy::unwrap_used)]
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
