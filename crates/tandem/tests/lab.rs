@@ -520,14 +520,14 @@ fn the_demo_commands_build_describe_run_in_and_remove_the_lab() {
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
     }
+    the_interactive_demo_tears_everything_down_on_ctrl_c();
 }
 
-#[test]
+/// Runs after the detached demo, in the same test: both use the one fixed-name demo lab.
 fn the_interactive_demo_tears_everything_down_on_ctrl_c() {
     use std::io::BufRead;
-    // Serialised with the other demo test by the fixed lab name: wait for it to be free.
     let free = || !Path::new("/run/tandem-lab/demo").exists();
-    eventually(Duration::from_secs(240), "the demo lab to be free", free);
+    assert!(free(), "the detached demo lab is gone");
     let mut child = std::process::Command::new(binary())
         .arg("demo")
         .stdout(std::process::Stdio::piped())
