@@ -39,6 +39,8 @@ pub struct ClusterSpec {
     pub timeout: String,
     /// Last byte of the VIP in the lab's subnet.
     pub vip_last: u8,
+    /// Timeout of graceful stop scripts (the forced call has the same).
+    pub stop_timeout: String,
 }
 
 impl ClusterSpec {
@@ -53,6 +55,7 @@ impl ClusterSpec {
             pulse: "250ms".into(),
             timeout: "2s".into(),
             vip_last: 100,
+            stop_timeout: "20s".into(),
         }
     }
 }
@@ -176,7 +179,7 @@ impl Cluster {
              [heartbeat]\npulse = {pulse:?}\ntimeout = {timeout:?}\n\n\
              [daemon]\nstate_dir = {state:?}\nlog_dir = {log:?}\nsocket = {socket:?}\n\n\
              [[module]]\nname = \"demo\"\nfailover = {failover}\ndefault_primary = {default_primary:?}\n\
-             scripts = {scripts:?}\nstop_timeout = \"20s\"\nforce_stop_timeout = \"20s\"\nstart_timeout = \"30s\"\n\
+             scripts = {scripts:?}\nstop_timeout = {stop_timeout:?}\nforce_stop_timeout = {stop_timeout:?}\nstart_timeout = \"30s\"\n\
              \x20 [[module.vip]]\n  addr = \"{vip}/24\"\n{replicated}",
             a1 = addr("node1")?,
             a2 = addr("node2")?,
@@ -186,6 +189,7 @@ impl Cluster {
             log = dir.join("log").display().to_string(),
             socket = dir.join("tandem.sock").display().to_string(),
             failover = spec.failover,
+            stop_timeout = spec.stop_timeout,
             default_primary = spec.default_primary,
             scripts = dir.join("scripts").display().to_string(),
             vip = self.vip,

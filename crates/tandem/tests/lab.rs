@@ -564,3 +564,93 @@ fn the_interactive_demo_tears_everything_down_on_ctrl_c() {
         .unwrap();
     assert!(!String::from_utf8_lossy(&namespaces.stdout).contains("demo"));
 }
+
+/// Replaces one of the tracing scripts with a body of its own (which also traces).
+fn override_script(scripts: &Path, trace: &Path, name: &str, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = scripts.join(name);
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\necho \"$TANDEM_NODE {name} $*\" >> {}\n{body}\n",
+            trace.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn a_hanging_graceful_stop_times_out_then_the_forced_stop_runs_and_the_group_is_killed() {
+    let mut spec = spec();
+    spec.stop_timeout = "1s".into();
+    let work = tempfile::tempdir().unwrap();
+    let trace = work.path().join("trace");
+    let scripts = tracing_scripts(work.path(), &trace);
+    let marker = work.path().join("hung.pid");
+    // Graceful: start a child that would outlive us, then hang. Forced: return at once.
+    override_script(
+        &scripts,
+        &trace,
+        "stop_prim",
+        &format!(
+            "[ \"$1\" = force ] && exit 0\nsleep 1000 &\necho $! > {}\nsleep 1000",
+            marker.display()
+        ),
+    );
+    spec.scripts = Some(scripts);
+    let cluster = cluster(&spec);
+    cluster.bootstrap().unwrap();
+    cluster.tandem_ok("node1", &["stop"]).unwrap();
+    cluster.wait_state("node1", "STOP", SETTLE).unwrap();
+    cluster.wait_state("node2", "ALONE", SETTLE).unwrap();
+    let lines = trace_lines(&trace);
+    let graceful = position(&lines, "node1 stop_prim PRIM WAIT stop");
+    let forced = position(&lines, "node1 stop_prim force PRIM WAIT stop");
+    let takeover = position(&lines, "node2 start_prim SECOND ALONE auto");
+    assert!(graceful < forced && forced < takeover, "{lines:#?}");
+    assert!(log_contains(&cluster, "node1", "did not stop gracefully"));
+    // The whole process group of the hung call was killed, background child included.
+    let child: i32 = std::fs::read_to_string(&marker)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the hung script's child to be killed",
+        || {
+            let status = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            status.is_empty() || status.split_whitespace().nth(2) == Some("Z")
+        },
+    );
+}
+
+#[test]
+fn forcestop_abandons_a_hanging_stop_script() {
+    let mut spec = spec();
+    spec.stop_timeout = "600s".into();
+    let work = tempfile::tempdir().unwrap();
+    let trace = work.path().join("trace");
+    let scripts = tracing_scripts(work.path(), &trace);
+    override_script(
+        &scripts,
+        &trace,
+        "stop_prim",
+        "[ \"$1\" = force ] && exit 0\nsleep 1000",
+    );
+    spec.scripts = Some(scripts);
+    let cluster = cluster(&spec);
+    cluster.bootstrap().unwrap();
+    cluster.tandem_ok("node1", &["stop"]).unwrap();
+    eventually(SETTLE, "the graceful stop to hang", || {
+        trace_lines(&trace)
+            .iter()
+            .any(|line| line == "node1 stop_prim PRIM WAIT stop")
+    });
+    assert_eq!(state(&cluster, "node1"), ("PRIM".into(), false));
+    cluster.tandem_ok("node1", &["forcestop"]).unwrap();
+    cluster.wait_state("node1", "STOP", SETTLE).unwrap();
+    cluster.wait_state("node2", "ALONE", SETTLE).unwrap();
+    position(&trace_lines(&trace), "node1 stop_prim force PRIM WAIT stop");
+}
