@@ -217,7 +217,11 @@ pub struct Persisted {
 
 impl Default for Persisted {
     fn default() -> Persisted {
-        Persisted { claim: Claim::Fresh, epoch: 0, last_primary: false }
+        Persisted {
+            claim: Claim::Fresh,
+            epoch: 0,
+            last_primary: false,
+        }
     }
 }
 

@@ -10,9 +10,9 @@ mod status;
 mod time;
 
 pub use io::*;
-pub use settings::*;
-pub use tandem_proto::{Claim, ModuleSnapshot, NodeSnapshot, State};
 pub use node::Node;
 pub use policy::{Candidate, Preference, loses_split_brain, prefer};
+pub use settings::*;
 pub use status::{ModuleStatus, NodeStatus, PeerStatus, TransitionRecord};
+pub use tandem_proto::{Claim, ModuleSnapshot, NodeSnapshot, State};
 pub use time::Time;

@@ -11,8 +11,8 @@
 //! - the primary role (writes allowed) is taken only with the peer's grant while the peer is
 //!   reachable, or alone when it is not and the local data is up to date (or the operator forced
 //!   it);
-//! - a node grants only while it does not hold the primary role, and does not take it while its
-//!   grant stands;
+//! - a node grants only while it holds neither the primary role nor the VIPs, and does not take
+//!   the role while its grant stands;
 //! - the claim about the local data is persisted before the role that justifies it is used.
 
 use std::collections::VecDeque;
@@ -43,7 +43,13 @@ pub(crate) enum Goal {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Step {
     /// Run a user script.
-    Script { script: Script, current: State, next: State, action: Action, force: bool },
+    Script {
+        script: Script,
+        current: State,
+        next: State,
+        action: Action,
+        force: bool,
+    },
     /// Add and announce the VIPs.
     AcquireVips,
     /// Remove the VIPs.
@@ -66,7 +72,11 @@ pub(crate) enum Step {
     /// The module is synchronised with the current primary.
     MarkSynced,
     /// Record a finished transition.
-    Finish { from: State, to: State, reason: String },
+    Finish {
+        from: State,
+        to: State,
+        reason: String,
+    },
 }
 
 impl Step {
@@ -74,7 +84,11 @@ impl Step {
     pub(crate) fn describe(&self) -> String {
         match self {
             Step::Script { script, force, .. } => {
-                format!("script {}{}", script.file_name(), if *force { " (force)" } else { "" })
+                format!(
+                    "script {}{}",
+                    script.file_name(),
+                    if *force { " (force)" } else { "" }
+                )
             }
             Step::AcquireVips => "adding virtual IPs".into(),
             Step::ReleaseVips => "removing virtual IPs".into(),
@@ -191,14 +205,20 @@ impl Module {
     }
 
     fn persist(&self, effects: &mut Vec<Effect>) {
-        effects.push(Effect::Persist { module: self.id, record: self.record.clone() });
+        effects.push(Effect::Persist {
+            module: self.id,
+            record: self.record.clone(),
+        });
     }
 
     /// Leaves the primary role at once: writes are refused from now on.
     pub(crate) fn fence(&mut self, effects: &mut Vec<Effect>) {
         if self.primary_role {
             self.primary_role = false;
-            effects.push(Effect::SetWritable { module: self.id, writable: false });
+            effects.push(Effect::SetWritable {
+                module: self.id,
+                writable: false,
+            });
         }
     }
 
@@ -237,7 +257,9 @@ impl Module {
                 self.handing_over = false;
             }
         }
-        if self.grant_to.is_none() && peer.want_primary && !self.primary_role {
+        // Neither the role nor the VIPs may still be held here: a node that was just fenced
+        // (interface down, split brain) grants once its VIPs are removed.
+        if self.grant_to.is_none() && peer.want_primary && !self.primary_role && !self.vip_held {
             // A pending `tandem prim` never grants, even before the start scripts are done. The
             // policy's preference holds against a peer that asks anyway (it was forced) only
             // when the claims differ: with equal claims nothing is lost whichever node serves,
@@ -261,7 +283,10 @@ impl Module {
             if !local_wins {
                 self.want_primary = false;
                 self.grant_to = Some(incarnation);
-                logs.push((Level::Info, format!("agreed that {peer_name} takes the primary role")));
+                logs.push((
+                    Level::Info,
+                    format!("agreed that {peer_name} takes the primary role"),
+                ));
             }
         }
     }
@@ -299,6 +324,23 @@ impl Module {
             }
             return;
         }
+        // A forced start is used up once the module holds a role: it must not linger and force
+        // a later, unrelated start (after a failover and a step-down, say).
+        if matches!(self.state, State::Alone | State::Prim | State::Second)
+            && matches!(self.goal, Goal::ForcePrim | Goal::ForceSecond)
+        {
+            if self.goal == Goal::ForcePrim && self.state == State::Second {
+                logs.push((
+                    Level::Warn,
+                    format!(
+                        "`tandem prim` dropped: this node became secondary of {} meanwhile; use \
+                         `tandem swap`",
+                        context.peer_name
+                    ),
+                ));
+            }
+            self.goal = Goal::Run;
+        }
         match self.state {
             State::Stop => self.plan_start(),
             State::Wait => self.decide_wait(context, logs, effects),
@@ -335,7 +377,10 @@ impl Module {
                 if self.goal == Goal::ForcePrim {
                     logs.push((
                         Level::Warn,
-                        format!("{} became primary first: starting as secondary", context.peer_name),
+                        format!(
+                            "{} became primary first: starting as secondary",
+                            context.peer_name
+                        ),
                     ));
                 }
                 self.goal = Goal::Run;
@@ -343,7 +388,10 @@ impl Module {
                 self.plan_become_second(Action::Start, "the peer is primary");
             }
             Some(peer) => {
-                if self.want_primary && peer.grant_to == Some(context.my_incarnation) {
+                if self.want_primary
+                    && peer.grant_to == Some(context.my_incarnation)
+                    && context.peer_view_settled
+                {
                     let forced = self.goal == Goal::ForcePrim;
                     self.commit_primary(context.peer_max_epoch, effects);
                     self.goal = Goal::Run;
@@ -354,6 +402,25 @@ impl Module {
                     };
                     self.plan_become_primary(State::Wait, Action::Start, reason);
                     return;
+                }
+                if self.goal == Goal::ForcePrim
+                    && peer.want_primary
+                    && peer.claim.is_up_to_date()
+                    && peer.claim > self.record.claim
+                {
+                    // Both ask and neither would grant: the peer has newer data and asks for
+                    // the role (it was started with it, or forced too). Keep the data.
+                    logs.push((
+                        Level::Warn,
+                        format!(
+                            "`tandem prim` abandoned: {} asks to become primary and its data is \
+                             newer ({} against {}); stop it first to force this node",
+                            context.peer_name,
+                            peer.claim.as_str(),
+                            self.record.claim.as_str()
+                        ),
+                    ));
+                    self.goal = Goal::Run;
                 }
                 let preference = match self.goal {
                     Goal::ForcePrim => Preference::Local,
@@ -375,12 +442,29 @@ impl Module {
                 // A peer that granted us already is not asked again; a granted peer that wants
                 // the role itself is not competed with.
                 self.want_primary = preference == Preference::Local && self.grant_to.is_none();
-                self.set_waiting(preference_reason(&preference, context.peer_name), logs);
+                let reason =
+                    if self.want_primary && peer.want_primary && peer.claim == self.record.claim {
+                        // Only two forced nodes keep asking both (see `update_grant`).
+                        format!(
+                            "{} asks to become primary too (`tandem prim` on both nodes?): run \
+                         `tandem stop` on the node that must not be primary",
+                            context.peer_name
+                        )
+                    } else {
+                        preference_reason(&preference, context.peer_name)
+                    };
+                self.set_waiting(reason, logs);
             }
             None => {
                 self.want_primary = false;
                 let peer_silent = self.grant_to.is_none();
-                if self.goal == Goal::ForcePrim && peer_silent {
+                // Forced with the peer's daemon down: once the node has looked for it for one
+                // timeout since boot (a peer not heard yet may well be primary). With its daemon
+                // up and the module stopped, after the module's start-up look too (it may be
+                // starting at the same time).
+                let forced_now =
+                    context.startup_over || (context.peer_view_settled && !context.peer_alive);
+                if self.goal == Goal::ForcePrim && peer_silent && forced_now {
                     self.commit_primary(context.peer_max_epoch, effects);
                     self.goal = Goal::Run;
                     self.plan_become_primary(
@@ -424,12 +508,17 @@ impl Module {
         self.wait_reason = None;
         if !self.primary_role {
             // Fenced by split brain or link loss: finish stepping down.
-            let reason = if self.link_up { "split brain: stepping down" } else { "interface down" };
-            self.plan_fenced_step_down(reason, facts);
+            let reason = if self.link_up {
+                "split brain: stepping down"
+            } else {
+                "interface down"
+            };
+            self.plan_leave_to_wait(Action::Auto, reason, facts);
             return;
         }
         let peer_swap = context.peer.is_some_and(|peer| {
-            self.peer_swap_seen.is_some_and(|seen| peer.swap_counter > seen)
+            self.peer_swap_seen
+                .is_some_and(|seen| peer.swap_counter > seen)
         });
         if peer_swap {
             self.peer_swap_seen = context.peer.map(|peer| peer.swap_counter);
@@ -441,7 +530,10 @@ impl Module {
                 self.plan_handover("swap requested");
                 return;
             }
-            logs.push((Level::Warn, "swap abandoned: the peer is not an up-to-date secondary".into()));
+            logs.push((
+                Level::Warn,
+                "swap abandoned: the peer is not an up-to-date secondary".into(),
+            ));
         }
         if let crate::settings::DefaultPrimary::Node(preferred) = &self.settings.default_primary
             && preferred == context.peer_name
@@ -490,8 +582,15 @@ impl Module {
                 }
             }
             Some(peer) => {
-                if peer.grant_to == Some(context.my_incarnation) && up_to_date {
-                    let action = if self.want_primary { Action::Auto } else { Action::Swap };
+                if peer.grant_to == Some(context.my_incarnation)
+                    && up_to_date
+                    && context.peer_view_settled
+                {
+                    let action = if self.want_primary {
+                        Action::Auto
+                    } else {
+                        Action::Swap
+                    };
                     let reason = if action == Action::Swap {
                         "roles swapped: the peer handed over"
                     } else {
@@ -548,7 +647,11 @@ impl Module {
                     self.commit_primary(context.peer_max_epoch, effects);
                     self.plan_takeover(Action::Auto, &format!("failover: {why}"));
                 } else {
-                    self.plan_leave_to_wait(Action::Auto, &format!("{why} and failover is off"), facts);
+                    self.plan_leave_to_wait(
+                        Action::Auto,
+                        &format!("{why} and failover is off"),
+                        facts,
+                    );
                 }
             }
         }
@@ -557,16 +660,28 @@ impl Module {
     // ----- plans ---------------------------------------------------------------------------
 
     fn script(&mut self, script: Script, current: State, next: State, action: Action) {
-        self.plan.push_back(Step::Script { script, current, next, action, force: false });
+        self.plan.push_back(Step::Script {
+            script,
+            current,
+            next,
+            action,
+            force: false,
+        });
     }
 
     fn plan_start(&mut self) {
         self.hold = None;
         self.wait_reason = None;
-        self.plan.push_back(Step::Enter { state: State::Wait, ready: false });
+        self.plan.push_back(Step::Enter {
+            state: State::Wait,
+            ready: false,
+        });
         self.script(Script::Transition, State::Stop, State::Wait, Action::Start);
         self.script(Script::Prestart, State::Stop, State::Wait, Action::Start);
-        self.plan.push_back(Step::Enter { state: State::Wait, ready: true });
+        self.plan.push_back(Step::Enter {
+            state: State::Wait,
+            ready: true,
+        });
         self.plan.push_back(Step::Finish {
             from: State::Stop,
             to: State::Wait,
@@ -576,18 +691,31 @@ impl Module {
 
     fn plan_become_primary(&mut self, from: State, action: Action, reason: &str) {
         self.wait_reason = None;
-        self.plan.push_back(Step::Enter { state: from, ready: false });
+        self.plan.push_back(Step::Enter {
+            state: from,
+            ready: false,
+        });
         self.script(Script::Transition, from, State::Alone, action);
         self.plan.push_back(Step::AcquireVips);
         self.plan.push_back(Step::Unfence);
         self.script(Script::StartPrim, from, State::Alone, action);
-        self.plan.push_back(Step::Enter { state: State::Alone, ready: true });
-        self.plan.push_back(Step::Finish { from, to: State::Alone, reason: reason.into() });
+        self.plan.push_back(Step::Enter {
+            state: State::Alone,
+            ready: true,
+        });
+        self.plan.push_back(Step::Finish {
+            from,
+            to: State::Alone,
+            reason: reason.into(),
+        });
     }
 
     fn plan_takeover(&mut self, action: Action, reason: &str) {
         let from = State::Second;
-        self.plan.push_back(Step::Enter { state: from, ready: false });
+        self.plan.push_back(Step::Enter {
+            state: from,
+            ready: false,
+        });
         if self.app == Some(Script::StartSecond) {
             self.script(Script::StopSecond, from, State::Alone, action);
         }
@@ -595,20 +723,36 @@ impl Module {
         self.plan.push_back(Step::AcquireVips);
         self.plan.push_back(Step::Unfence);
         self.script(Script::StartPrim, from, State::Alone, action);
-        self.plan.push_back(Step::Enter { state: State::Alone, ready: true });
-        self.plan.push_back(Step::Finish { from, to: State::Alone, reason: reason.into() });
+        self.plan.push_back(Step::Enter {
+            state: State::Alone,
+            ready: true,
+        });
+        self.plan.push_back(Step::Finish {
+            from,
+            to: State::Alone,
+            reason: reason.into(),
+        });
     }
 
     fn plan_become_second(&mut self, action: Action, reason: &str) {
         self.wait_reason = None;
         self.plan.push_back(Step::SetClaim(Claim::Stale));
-        self.plan.push_back(Step::Enter { state: State::Wait, ready: false });
+        self.plan.push_back(Step::Enter {
+            state: State::Wait,
+            ready: false,
+        });
         self.script(Script::Transition, State::Wait, State::Second, action);
-        self.plan.push_back(Step::Enter { state: State::Second, ready: false });
+        self.plan.push_back(Step::Enter {
+            state: State::Second,
+            ready: false,
+        });
         self.script(Script::StartSecond, State::Wait, State::Second, action);
         self.plan.push_back(Step::SyncData);
         self.plan.push_back(Step::MarkSynced);
-        self.plan.push_back(Step::Enter { state: State::Second, ready: true });
+        self.plan.push_back(Step::Enter {
+            state: State::Second,
+            ready: true,
+        });
         self.plan.push_back(Step::Finish {
             from: State::Wait,
             to: State::Second,
@@ -618,10 +762,16 @@ impl Module {
 
     fn plan_resync(&mut self, reason: &str) {
         self.plan.push_back(Step::SetClaim(Claim::Stale));
-        self.plan.push_back(Step::Enter { state: State::Second, ready: false });
+        self.plan.push_back(Step::Enter {
+            state: State::Second,
+            ready: false,
+        });
         self.plan.push_back(Step::SyncData);
         self.plan.push_back(Step::MarkSynced);
-        self.plan.push_back(Step::Enter { state: State::Second, ready: true });
+        self.plan.push_back(Step::Enter {
+            state: State::Second,
+            ready: true,
+        });
         self.plan.push_back(Step::Finish {
             from: State::Second,
             to: State::Second,
@@ -631,9 +781,15 @@ impl Module {
 
     fn plan_alone_to_prim(&mut self) {
         self.plan.push_back(Step::SetClaim(Claim::Shared));
-        self.plan.push_back(Step::Enter { state: State::Alone, ready: false });
+        self.plan.push_back(Step::Enter {
+            state: State::Alone,
+            ready: false,
+        });
         self.script(Script::Transition, State::Alone, State::Prim, Action::Auto);
-        self.plan.push_back(Step::Enter { state: State::Prim, ready: true });
+        self.plan.push_back(Step::Enter {
+            state: State::Prim,
+            ready: true,
+        });
         self.plan.push_back(Step::Finish {
             from: State::Alone,
             to: State::Prim,
@@ -644,9 +800,15 @@ impl Module {
     fn plan_prim_to_alone(&mut self, reason: &str) {
         // The exclusive claim is persisted before any write is acknowledged alone.
         self.plan.push_back(Step::SetClaim(Claim::Exclusive));
-        self.plan.push_back(Step::Enter { state: State::Prim, ready: false });
+        self.plan.push_back(Step::Enter {
+            state: State::Prim,
+            ready: false,
+        });
         self.script(Script::Transition, State::Prim, State::Alone, Action::Auto);
-        self.plan.push_back(Step::Enter { state: State::Alone, ready: true });
+        self.plan.push_back(Step::Enter {
+            state: State::Alone,
+            ready: true,
+        });
         self.plan.push_back(Step::Finish {
             from: State::Prim,
             to: State::Alone,
@@ -656,40 +818,47 @@ impl Module {
 
     fn plan_handover(&mut self, reason: &str) {
         let from = State::Prim;
-        self.plan.push_back(Step::Enter { state: from, ready: false });
+        self.plan.push_back(Step::Enter {
+            state: from,
+            ready: false,
+        });
         self.script(Script::StopPrim, from, State::Second, Action::Swap);
         self.plan.push_back(Step::ReleaseVips);
         self.plan.push_back(Step::Fence);
         self.plan.push_back(Step::GrantPeer);
         self.script(Script::Transition, from, State::Second, Action::Swap);
         self.plan.push_back(Step::AwaitPeerPrimary);
-        self.plan.push_back(Step::Enter { state: State::Second, ready: false });
+        self.plan.push_back(Step::Enter {
+            state: State::Second,
+            ready: false,
+        });
         self.script(Script::StartSecond, from, State::Second, Action::Swap);
         self.plan.push_back(Step::SyncData);
         self.plan.push_back(Step::MarkSynced);
-        self.plan.push_back(Step::Enter { state: State::Second, ready: true });
-        self.plan.push_back(Step::Finish { from, to: State::Second, reason: reason.into() });
+        self.plan.push_back(Step::Enter {
+            state: State::Second,
+            ready: true,
+        });
+        self.plan.push_back(Step::Finish {
+            from,
+            to: State::Second,
+            reason: reason.into(),
+        });
     }
 
     /// Leaves ALONE, PRIM or SECOND for WAIT, running the matching stop scripts.
     fn plan_leave_to_wait(&mut self, action: Action, reason: &str, facts: PeerFacts) {
         let from = self.state;
         self.plan_release(from, State::Wait, action, false, facts);
-        self.plan.push_back(Step::Enter { state: State::Wait, ready: true });
-        self.plan.push_back(Step::Finish { from, to: State::Wait, reason: reason.into() });
-    }
-
-    /// Fenced while holding or entering the primary role (split brain, interface down): leaves
-    /// for WAIT releasing the VIPs first, so that only the peer answers on them from now on.
-    fn plan_fenced_step_down(&mut self, reason: &str, facts: PeerFacts) {
-        let from = self.state;
-        self.plan.push_back(Step::Enter { state: from, ready: false });
-        if self.vip_held || from.is_primary() {
-            self.plan.push_back(Step::ReleaseVips);
-        }
-        self.plan_release(from, State::Wait, Action::Auto, false, facts);
-        self.plan.push_back(Step::Enter { state: State::Wait, ready: true });
-        self.plan.push_back(Step::Finish { from, to: State::Wait, reason: reason.into() });
+        self.plan.push_back(Step::Enter {
+            state: State::Wait,
+            ready: true,
+        });
+        self.plan.push_back(Step::Finish {
+            from,
+            to: State::Wait,
+            reason: reason.into(),
+        });
     }
 
     /// Called when the primary role was just lost (fenced) while a plan may run: a plan that
@@ -704,12 +873,29 @@ impl Module {
         });
         if promoting {
             self.plan.clear();
-            self.plan_fenced_step_down(reason, facts);
+            self.plan_leave_to_wait(Action::Auto, reason, facts);
         }
     }
 
-    fn plan_release(&mut self, from: State, next: State, action: Action, force: bool, facts: PeerFacts) {
-        self.plan.push_back(Step::Enter { state: from, ready: false });
+    fn plan_release(
+        &mut self,
+        from: State,
+        next: State,
+        action: Action,
+        force: bool,
+        facts: PeerFacts,
+    ) {
+        self.plan.push_back(Step::Enter {
+            state: from,
+            ready: false,
+        });
+        let release_vips = self.vip_held || from.is_primary();
+        // A fenced node (VIPs without the role: split brain, interface down) removes them
+        // first, before any script: the peer may be serving on them already.
+        let vips_first = release_vips && !self.primary_role;
+        if vips_first {
+            self.plan.push_back(Step::ReleaseVips);
+        }
         if from == State::Second && facts.primary {
             self.plan.push_back(Step::SetClaim(Claim::Stale));
         }
@@ -731,8 +917,7 @@ impl Module {
                 force,
             });
         }
-        let vips_released = self.plan.contains(&Step::ReleaseVips);
-        if (self.vip_held || from.is_primary()) && !vips_released {
+        if release_vips && !vips_first {
             self.plan.push_back(Step::ReleaseVips);
         }
         if self.primary_role || from.is_primary() {
@@ -742,22 +927,38 @@ impl Module {
     }
 
     /// Stops the module from whatever state it is in.
-    pub(crate) fn plan_stop(&mut self, force: bool, action: Action, reason: &str, facts: PeerFacts) {
+    pub(crate) fn plan_stop(
+        &mut self,
+        force: bool,
+        action: Action,
+        reason: &str,
+        facts: PeerFacts,
+    ) {
         let from = self.state;
         self.want_primary = false;
         self.local_swap = false;
         if from != State::Wait && from != State::Stop {
             self.plan_release(from, State::Wait, action, force, facts);
         } else {
-            self.plan.push_back(Step::Enter { state: from, ready: false });
+            self.plan.push_back(Step::Enter {
+                state: from,
+                ready: false,
+            });
             if self.app.is_some() || self.vip_held || self.primary_role {
                 self.plan_release(from, State::Wait, action, force, facts);
             }
         }
         self.script(Script::Poststop, State::Wait, State::Stop, action);
         self.script(Script::Transition, State::Wait, State::Stop, action);
-        self.plan.push_back(Step::Enter { state: State::Stop, ready: true });
-        self.plan.push_back(Step::Finish { from, to: State::Stop, reason: reason.into() });
+        self.plan.push_back(Step::Enter {
+            state: State::Stop,
+            ready: true,
+        });
+        self.plan.push_back(Step::Finish {
+            from,
+            to: State::Stop,
+            reason: reason.into(),
+        });
     }
 
     pub(crate) fn plan_restart(&mut self) {
@@ -767,11 +968,18 @@ impl Module {
         } else {
             (Script::StopSecond, Script::StartSecond)
         };
-        self.plan.push_back(Step::Enter { state, ready: false });
+        self.plan.push_back(Step::Enter {
+            state,
+            ready: false,
+        });
         self.script(stop, state, state, Action::Restart);
         self.script(start, state, state, Action::Restart);
         self.plan.push_back(Step::Enter { state, ready: true });
-        self.plan.push_back(Step::Finish { from: state, to: state, reason: "restart".into() });
+        self.plan.push_back(Step::Finish {
+            from: state,
+            to: state,
+            reason: "restart".into(),
+        });
     }
 
     // ----- running plans -------------------------------------------------------------------
@@ -796,7 +1004,9 @@ impl Module {
             }
         }
         while self.current.is_none() {
-            let Some(step) = self.plan.pop_front() else { break };
+            let Some(step) = self.plan.pop_front() else {
+                break;
+            };
             progressed = true;
             let step_id = StepId(*next_step);
             if let Some(effect) = self.external_effect(step_id, &step) {
@@ -835,7 +1045,11 @@ impl Module {
                     }
                     self.state = state;
                     self.ready = ready;
-                    effects.push(Effect::StateChanged { module: self.id, state, ready });
+                    effects.push(Effect::StateChanged {
+                        module: self.id,
+                        state,
+                        ready,
+                    });
                 }
             }
             Step::SetClaim(claim) => {
@@ -850,7 +1064,10 @@ impl Module {
             }
             Step::Unfence => {
                 if self.primary_role {
-                    effects.push(Effect::SetWritable { module: self.id, writable: true });
+                    effects.push(Effect::SetWritable {
+                        module: self.id,
+                        writable: true,
+                    });
                 }
             }
             Step::GrantPeer => {
@@ -896,14 +1113,25 @@ impl Module {
     }
 
     /// Handles the report of the running external step.
-    pub(crate) fn complete(&mut self, step: Step, outcome: Outcome, logs: &mut Vec<(Level, String)>) {
+    pub(crate) fn complete(
+        &mut self,
+        step: Step,
+        outcome: Outcome,
+        logs: &mut Vec<(Level, String)>,
+    ) {
         let failure = match &outcome {
             Outcome::Ok => None,
             Outcome::Failed(why) => Some(why.clone()),
             Outcome::TimedOut => Some("timed out".to_owned()),
         };
         match step {
-            Step::Script { script, current, next, action, force } => {
+            Step::Script {
+                script,
+                current,
+                next,
+                action,
+                force,
+            } => {
                 if script.is_stop() {
                     match failure {
                         Some(why) if !force => {
@@ -964,7 +1192,10 @@ impl Module {
             Step::ReleaseVips => {
                 self.vip_held = false;
                 if let Some(why) = failure {
-                    logs.push((Level::Error, format!("virtual IPs could not be removed ({why})")));
+                    logs.push((
+                        Level::Error,
+                        format!("virtual IPs could not be removed ({why})"),
+                    ));
                 }
             }
             Step::SyncData => {

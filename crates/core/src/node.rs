@@ -99,6 +99,22 @@ impl Node {
 
     /// Handles one input at time `now` and returns the effects to carry out, in order.
     pub fn handle(&mut self, now: Time, input: Input) -> Vec<Effect> {
+        let gap = now.since(self.now);
+        if gap > self.settings.timeout {
+            // The driver ticks at least every pulse: a longer silence is a pause (SIGSTOP, VM
+            // freeze, suspend). Inputs queued meanwhile may be old, the peer may have declared
+            // this node lost and revoked its grants: grants are not used for one timeout, like
+            // at boot.
+            self.started_at = now;
+            self.log(
+                None,
+                Level::Warn,
+                format!(
+                    "no input for {gap:?} (paused?): the peer's grants are not used for {:?}",
+                    self.settings.timeout
+                ),
+            );
+        }
         self.now = self.now.max(now);
         match input {
             Input::Tick => {}
@@ -106,10 +122,16 @@ impl Node {
             Input::ChannelSnapshot(snapshot) => {
                 self.on_snapshot(snapshot);
             }
-            Input::Command { module, command, request } => {
-                self.on_command(module, command, request)
-            }
-            Input::StepDone { module, step, outcome } => self.on_step_done(module, step, outcome),
+            Input::Command {
+                module,
+                command,
+                request,
+            } => self.on_command(module, command, request),
+            Input::StepDone {
+                module,
+                step,
+                outcome,
+            } => self.on_step_done(module, step, outcome),
             Input::LinkChanged { module, up } => self.on_link(module, up),
         }
         self.update_liveness();
@@ -196,7 +218,11 @@ impl Node {
 
     fn on_heartbeat(&mut self, network: usize, snapshot: NodeSnapshot) {
         if snapshot.node != self.settings.peer {
-            self.log(None, Level::Warn, format!("heartbeat from unknown node {:?}", snapshot.node));
+            self.log(
+                None,
+                Level::Warn,
+                format!("heartbeat from unknown node {:?}", snapshot.node),
+            );
             return;
         }
         if let Some(slot) = self.peer.last_heard.get_mut(network) {
@@ -224,7 +250,11 @@ impl Node {
             .as_ref()
             .is_some_and(|current| current.incarnation != snapshot.incarnation);
         if restarted {
-            self.log(None, Level::Info, format!("peer {} restarted", self.settings.peer));
+            self.log(
+                None,
+                Level::Info,
+                format!("peer {} restarted", self.settings.peer),
+            );
         }
         for module in &mut self.modules {
             let peer_module = find_module(&snapshot, &module.settings.name);
@@ -243,14 +273,19 @@ impl Node {
     fn on_command(&mut self, id: ModuleId, command: Command, request: RequestId) {
         let peer = self.peer_module(id).cloned();
         let Some(module) = self.modules.get_mut(id.0) else {
-            self.out.push(Effect::Reply { request, result: Err("no such module".into()) });
+            self.out.push(Effect::Reply {
+                request,
+                result: Err("no such module".into()),
+            });
             return;
         };
         let peer_primary = peer.as_ref().is_some_and(|peer| peer.primary_role);
-        let peer_second_ready =
-            peer.as_ref().is_some_and(|peer| peer.state == State::Second && peer.ready);
-        let peer_prim_ready =
-            peer.as_ref().is_some_and(|peer| peer.primary_role && peer.state.is_primary());
+        let peer_second_ready = peer
+            .as_ref()
+            .is_some_and(|peer| peer.state == State::Second && peer.ready);
+        let peer_prim_ready = peer
+            .as_ref()
+            .is_some_and(|peer| peer.primary_role && peer.state.is_primary());
         let state = module.state;
         let result: Result<String, String> = match command {
             Command::Start => {
@@ -285,7 +320,9 @@ impl Node {
                     };
                     Ok(format!("forcing this node to become primary{lost}"))
                 } else {
-                    Err(format!("cannot force primary from state {state}; stop the module first"))
+                    Err(format!(
+                        "cannot force primary from state {state}; stop the module first"
+                    ))
                 }
             }
             Command::Second => {
@@ -327,7 +364,9 @@ impl Node {
                         primary: peer_primary,
                         second_in_sync: peer_second_ready
                             && module.primary_role
-                            && peer.as_ref().is_some_and(|p| p.synced_epoch == module.record.epoch),
+                            && peer
+                                .as_ref()
+                                .is_some_and(|p| p.synced_epoch == module.record.epoch),
                         incarnation: None,
                         epoch: peer.as_ref().map(|p| p.epoch).unwrap_or(0),
                     };
@@ -379,8 +418,12 @@ impl Node {
     }
 
     fn on_step_done(&mut self, id: ModuleId, step: StepId, outcome: Outcome) {
-        let Some(module) = self.modules.get_mut(id.0) else { return };
-        let Some((current_id, current)) = module.current.take() else { return };
+        let Some(module) = self.modules.get_mut(id.0) else {
+            return;
+        };
+        let Some((current_id, current)) = module.current.take() else {
+            return;
+        };
         if current_id != step {
             module.current = Some((current_id, current));
             return;
@@ -393,11 +436,21 @@ impl Node {
     }
 
     fn on_link(&mut self, id: ModuleId, up: bool) {
-        let Some(module) = self.modules.get_mut(id.0) else { return };
+        let Some(module) = self.modules.get_mut(id.0) else {
+            return;
+        };
         if module.link_up != up {
             module.link_up = up;
-            let message = if up { "VIP interface link is up" } else { "VIP interface link is down" };
-            self.log(Some(id), if up { Level::Info } else { Level::Warn }, message.into());
+            let message = if up {
+                "VIP interface link is up"
+            } else {
+                "VIP interface link is down"
+            };
+            self.log(
+                Some(id),
+                if up { Level::Info } else { Level::Warn },
+                message.into(),
+            );
         }
     }
 
@@ -413,7 +466,9 @@ impl Node {
     }
 
     fn update_liveness(&mut self) {
-        let alive = self.liveness_deadline().is_some_and(|deadline| self.now < deadline);
+        let alive = self
+            .liveness_deadline()
+            .is_some_and(|deadline| self.now < deadline);
         if alive != self.peer.alive {
             self.peer.alive = alive;
             let message = if alive {
@@ -449,15 +504,23 @@ impl Node {
             return None;
         }
         let name = &self.modules.get(id.0)?.settings.name;
-        self.peer.snapshot.as_ref().and_then(|snapshot| find_module(snapshot, name))
+        self.peer
+            .snapshot
+            .as_ref()
+            .and_then(|snapshot| find_module(snapshot, name))
     }
 
     /// One round for one module; returns whether anything changed.
     fn step_module(&mut self, id: ModuleId) -> bool {
         let peer = self.peer_module(id).cloned();
-        let peer_incarnation = self.peer.snapshot.as_ref().map(|snapshot| snapshot.incarnation);
+        let peer_incarnation = self
+            .peer
+            .snapshot
+            .as_ref()
+            .map(|snapshot| snapshot.incarnation);
         let now = self.now;
-        let startup_over = now.since(self.started_at) >= self.settings.timeout;
+        let node_startup_over = now.since(self.started_at) >= self.settings.timeout;
+        let timeout = self.settings.timeout;
         let local_name = self.settings.local.clone();
         let peer_name = self.settings.peer.clone();
         let peer_max_epoch = self.peer.max_epoch[id.0];
@@ -468,8 +531,16 @@ impl Node {
         let mut effects: Vec<Effect> = Vec::new();
         let module = &mut self.modules[id.0];
         let before = module.fingerprint();
+        // A module that just left STOP looks for the peer for one timeout too, like the node at
+        // boot: two modules started at the same instant then see each other (and use grants)
+        // before either decides alone on the other's stale STOP.
+        let startup_over = node_startup_over
+            && module
+                .started_at
+                .is_none_or(|started| now.since(started) >= timeout);
         let facts_now = module.peer_facts(&policy::Context {
             startup_over,
+            peer_view_settled: node_startup_over,
             local_name: &local_name,
             peer_name: &peer_name,
             peer: peer.as_ref(),
@@ -500,7 +571,9 @@ impl Node {
                 ),
             ));
             module.fence(&mut effects);
-            module.hold = Some(format!("split brain with {peer_name}: waiting for the operator"));
+            module.hold = Some(format!(
+                "split brain with {peer_name}: waiting for the operator"
+            ));
             module.abandon_promotion("split brain: stepping down", facts_now);
         }
 
@@ -515,11 +588,18 @@ impl Node {
             module.abandon_promotion("interface down", facts_now);
         }
 
-        module.update_grant(peer.as_ref(), peer_incarnation, &local_name, &peer_name, &mut logs);
+        module.update_grant(
+            peer.as_ref(),
+            peer_incarnation,
+            &local_name,
+            &peer_name,
+            &mut logs,
+        );
 
         if module.current.is_none() && module.plan.is_empty() {
             let context = policy::Context {
                 startup_over,
+                peer_view_settled: node_startup_over,
                 local_name: &local_name,
                 peer_name: &peer_name,
                 peer: peer.as_ref(),
@@ -533,6 +613,7 @@ impl Node {
 
         let facts = module.peer_facts(&policy::Context {
             startup_over,
+            peer_view_settled: node_startup_over,
             local_name: &local_name,
             peer_name: &peer_name,
             peer: peer.as_ref(),
@@ -569,12 +650,19 @@ impl Node {
     }
 
     fn log(&mut self, module: Option<ModuleId>, level: Level, message: String) {
-        self.out.push(Effect::Log { module, level, message });
+        self.out.push(Effect::Log {
+            module,
+            level,
+            message,
+        });
     }
 }
 
 fn find_module<'a>(snapshot: &'a NodeSnapshot, name: &str) -> Option<&'a ModuleSnapshot> {
-    snapshot.modules.iter().find(|module| module.name == name && module.state != State::Stop)
+    snapshot
+        .modules
+        .iter()
+        .find(|module| module.name == name && module.state != State::Stop)
 }
 
 impl Module {
@@ -586,7 +674,12 @@ impl Module {
         reason: &str,
         now: Time,
     ) -> TransitionRecord {
-        let record = TransitionRecord { from, to, reason: reason.to_owned(), at: now };
+        let record = TransitionRecord {
+            from,
+            to,
+            reason: reason.to_owned(),
+            at: now,
+        };
         self.last_transition = Some(record.clone());
         record
     }
@@ -595,7 +688,13 @@ impl Module {
     pub(crate) fn external_effect(&self, step_id: StepId, step: &Step) -> Option<Effect> {
         let module = self.id;
         match step {
-            Step::Script { script, current, next, action, force } => {
+            Step::Script {
+                script,
+                current,
+                next,
+                action,
+                force,
+            } => {
                 let timeout = if *force {
                     self.settings.force_stop_timeout
                 } else if script.is_stop() {
@@ -616,9 +715,18 @@ impl Module {
                     },
                 })
             }
-            Step::AcquireVips => Some(Effect::AcquireVips { module, step: step_id }),
-            Step::ReleaseVips => Some(Effect::ReleaseVips { module, step: step_id }),
-            Step::SyncData => Some(Effect::SyncData { module, step: step_id }),
+            Step::AcquireVips => Some(Effect::AcquireVips {
+                module,
+                step: step_id,
+            }),
+            Step::ReleaseVips => Some(Effect::ReleaseVips {
+                module,
+                step: step_id,
+            }),
+            Step::SyncData => Some(Effect::SyncData {
+                module,
+                step: step_id,
+            }),
             _ => None,
         }
     }

@@ -19,6 +19,9 @@ pub(crate) struct Context<'a> {
     pub peer_incarnation: Option<u64>,
     /// Heartbeats arrive from the peer (its module may still be stopped).
     pub peer_alive: bool,
+    /// The node has run for one timeout since boot or since a pause: the peer's snapshot is
+    /// not a leftover of a time this node did not see (its grants may be used).
+    pub peer_view_settled: bool,
     pub my_incarnation: u64,
     pub peer_max_epoch: u64,
 }
@@ -66,7 +69,11 @@ pub fn prefer(local: Candidate<'_>, peer: Candidate<'_>, policy: &DefaultPrimary
         );
     }
     if local_rank.max(peer_rank) >= 2 && local_rank != peer_rank {
-        return if local_rank > peer_rank { Preference::Local } else { Preference::Peer };
+        return if local_rank > peer_rank {
+            Preference::Local
+        } else {
+            Preference::Peer
+        };
     }
     let by_name = |name: &str| {
         if name == local.name {
@@ -100,11 +107,19 @@ pub fn prefer(local: Candidate<'_>, peer: Candidate<'_>, policy: &DefaultPrimary
         }
         DefaultPrimary::Last | DefaultPrimary::None => {
             if local.last_primary != peer.last_primary {
-                return if local.last_primary { Preference::Local } else { Preference::Peer };
+                return if local.last_primary {
+                    Preference::Local
+                } else {
+                    Preference::Peer
+                };
             }
         }
     }
-    if local.name < peer.name { Preference::Local } else { Preference::Peer }
+    if local.name < peer.name {
+        Preference::Local
+    } else {
+        Preference::Peer
+    }
 }
 
 /// Whether the local node is the one that must step down when both nodes are primary while
@@ -119,7 +134,11 @@ mod tests {
     use super::*;
 
     fn candidate(name: &str, claim: Claim, last_primary: bool) -> Candidate<'_> {
-        Candidate { name, claim, last_primary }
+        Candidate {
+            name,
+            claim,
+            last_primary,
+        }
     }
 
     #[test]
@@ -132,11 +151,19 @@ mod tests {
             (Claim::Shared, Claim::Fresh),
         ] {
             assert_eq!(
-                prefer(candidate("b", stronger, false), candidate("a", weaker, true), &policy),
+                prefer(
+                    candidate("b", stronger, false),
+                    candidate("a", weaker, true),
+                    &policy
+                ),
                 Preference::Local
             );
             assert_eq!(
-                prefer(candidate("a", weaker, true), candidate("b", stronger, false), &policy),
+                prefer(
+                    candidate("a", weaker, true),
+                    candidate("b", stronger, false),
+                    &policy
+                ),
                 Preference::Peer
             );
         }
@@ -147,7 +174,11 @@ mod tests {
         let policy = DefaultPrimary::Node("a".into());
         for claim in [Claim::Exclusive, Claim::Stale] {
             assert!(matches!(
-                prefer(candidate("a", claim, false), candidate("b", claim, false), &policy),
+                prefer(
+                    candidate("a", claim, false),
+                    candidate("b", claim, false),
+                    &policy
+                ),
                 Preference::Neither(_)
             ));
         }
@@ -165,7 +196,11 @@ mod tests {
     fn first_start_follows_default_primary() {
         let policy = DefaultPrimary::Node("b".into());
         assert_eq!(
-            prefer(candidate("a", Claim::Fresh, false), candidate("b", Claim::Fresh, false), &policy),
+            prefer(
+                candidate("a", Claim::Fresh, false),
+                candidate("b", Claim::Fresh, false),
+                &policy
+            ),
             Preference::Peer
         );
     }
@@ -182,11 +217,19 @@ mod tests {
             Preference::Peer
         );
         assert_eq!(
-            prefer(candidate("a", shared, false), candidate("b", shared, true), &DefaultPrimary::Last),
+            prefer(
+                candidate("a", shared, false),
+                candidate("b", shared, true),
+                &DefaultPrimary::Last
+            ),
             Preference::Peer
         );
         assert_eq!(
-            prefer(candidate("b", shared, false), candidate("a", shared, false), &DefaultPrimary::None),
+            prefer(
+                candidate("b", shared, false),
+                candidate("a", shared, false),
+                &DefaultPrimary::None
+            ),
             Preference::Peer
         );
     }
@@ -194,8 +237,11 @@ mod tests {
     #[test]
     fn preference_is_symmetric() {
         let claims = [Claim::Fresh, Claim::Stale, Claim::Shared, Claim::Exclusive];
-        let policies =
-            [DefaultPrimary::None, DefaultPrimary::Last, DefaultPrimary::Node("a".into())];
+        let policies = [
+            DefaultPrimary::None,
+            DefaultPrimary::Last,
+            DefaultPrimary::Node("a".into()),
+        ];
         for &left in &claims {
             for &right in &claims {
                 for left_last in [false, true] {

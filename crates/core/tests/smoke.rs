@@ -27,13 +27,45 @@ impl Pair {
                 let effects = self.nodes[target].handle(self.now, input);
                 for effect in effects {
                     match effect {
-                        Effect::Broadcast(snapshot) => self.queue.push_back((1 - target, Input::Heartbeat { network: 0, snapshot })),
+                        Effect::Broadcast(snapshot) => self.queue.push_back((
+                            1 - target,
+                            Input::Heartbeat {
+                                network: 0,
+                                snapshot,
+                            },
+                        )),
                         Effect::RunScript { module, step, call } => {
-                            self.log.push(format!("n{} {} {} {} {}{}", target + 1, call.script.file_name(), call.current, call.next, call.action.as_str(), if call.force {" force"} else {""}));
-                            self.queue.push_back((target, Input::StepDone { module, step, outcome: Outcome::Ok }))
+                            self.log.push(format!(
+                                "n{} {} {} {} {}{}",
+                                target + 1,
+                                call.script.file_name(),
+                                call.current,
+                                call.next,
+                                call.action.as_str(),
+                                if call.force { " force" } else { "" }
+                            ));
+                            self.queue.push_back((
+                                target,
+                                Input::StepDone {
+                                    module,
+                                    step,
+                                    outcome: Outcome::Ok,
+                                },
+                            ))
                         }
-                        Effect::AcquireVips { module, step } | Effect::ReleaseVips { module, step } | Effect::SyncData { module, step } => self.queue.push_back((target, Input::StepDone { module, step, outcome: Outcome::Ok })),
-                        Effect::Log { message, .. } => self.log.push(format!("n{} log {message}", target + 1)),
+                        Effect::AcquireVips { module, step }
+                        | Effect::ReleaseVips { module, step }
+                        | Effect::SyncData { module, step } => self.queue.push_back((
+                            target,
+                            Input::StepDone {
+                                module,
+                                step,
+                                outcome: Outcome::Ok,
+                            },
+                        )),
+                        Effect::Log { message, .. } => {
+                            self.log.push(format!("n{} log {message}", target + 1))
+                        }
                         _ => {}
                     }
                 }
@@ -48,24 +80,57 @@ impl Pair {
 #[test]
 fn smoke() {
     let mut pair = Pair {
-        nodes: [Node::new(settings("node1", "node2"), vec![], 1, Time::ZERO), Node::new(settings("node2", "node1"), vec![], 1, Time::ZERO)],
+        nodes: [
+            Node::new(settings("node1", "node2"), vec![], 1, Time::ZERO),
+            Node::new(settings("node2", "node1"), vec![], 1, Time::ZERO),
+        ],
         now: Time::ZERO,
         queue: VecDeque::new(),
         log: vec![],
     };
-    pair.queue.push_back((0, Input::Command { module: ModuleId(0), command: Command::Prim, request: RequestId(1) }));
-    pair.queue.push_back((1, Input::Command { module: ModuleId(0), command: Command::Start, request: RequestId(2) }));
+    pair.queue.push_back((
+        0,
+        Input::Command {
+            module: ModuleId(0),
+            command: Command::Prim,
+            request: RequestId(1),
+        },
+    ));
+    pair.queue.push_back((
+        1,
+        Input::Command {
+            module: ModuleId(0),
+            command: Command::Start,
+            request: RequestId(2),
+        },
+    ));
     pair.run(Time::ZERO.plus(Duration::from_secs(5)));
-    for line in &pair.log { println!("{line}"); }
-    let s0 = pair.nodes[0].status(); let s1 = pair.nodes[1].status();
-    println!("{:?} {:?} / {:?} {:?}", s0.modules[0].state, s0.modules[0].ready, s1.modules[0].state, s1.modules[0].ready);
+    for line in &pair.log {
+        println!("{line}");
+    }
+    let s0 = pair.nodes[0].status();
+    let s1 = pair.nodes[1].status();
+    println!(
+        "{:?} {:?} / {:?} {:?}",
+        s0.modules[0].state, s0.modules[0].ready, s1.modules[0].state, s1.modules[0].ready
+    );
     assert_eq!(s0.modules[0].state, State::Prim);
     assert_eq!(s1.modules[0].state, State::Second);
     pair.log.clear();
-    pair.queue.push_back((1, Input::Command { module: ModuleId(0), command: Command::Swap, request: RequestId(3) }));
+    pair.queue.push_back((
+        1,
+        Input::Command {
+            module: ModuleId(0),
+            command: Command::Swap,
+            request: RequestId(3),
+        },
+    ));
     pair.run(Time::ZERO.plus(Duration::from_secs(10)));
-    for line in &pair.log { println!("{line}"); }
-    let s0 = pair.nodes[0].status(); let s1 = pair.nodes[1].status();
+    for line in &pair.log {
+        println!("{line}");
+    }
+    let s0 = pair.nodes[0].status();
+    let s1 = pair.nodes[1].status();
     assert_eq!(s0.modules[0].state, State::Second);
     assert_eq!(s1.modules[0].state, State::Prim);
 }

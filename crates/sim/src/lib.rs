@@ -1,19 +1,26 @@
 //! Deterministic simulation of a two-node tandem cluster.
 //!
-//! Two real [`tandem_core::Node`]s run against a simulated world; every random decision comes
-//! from one seed, so any run replays exactly.
+//! Two real [`tandem_core::Node`]s run against a simulated world ([`World`]); every random
+//! decision comes from one seed ([`rng`], SplitMix64), so any run replays exactly. The same
+//! world serves three kinds of tests: the transcripts of the automaton and the property tests in
+//! `crates/core/tests/`, and the many-seed runs of `crates/sim/tests/seeds.rs`
+//! (`TANDEM_SIM_SEED=S cargo test -p tandem-sim --test seeds replay -- --nocapture` replays one
+//! seed, printing every event).
 //!
 //! **Simulated:**
-//! - time: an event queue ordered by time, ties broken by scheduling order ([`clock`]); each core
+//! - time ([`clock`]): an event queue ordered by time, ties broken by scheduling order; each core
 //!   gets its `Tick` exactly at `poll_timeout()` unless frozen;
 //! - the network ([`network`]): one or two heartbeat networks (per-packet random delay, loss,
 //!   duplication, hence reordering; the real replay window of `tandem-proto` on reception) and
 //!   the peer channel (ordered stream); per-direction configuration gives partitions, one-way
-//!   partitions and single bad networks;
-//! - the adapters ([`host`]): scripts take random time, may fail or hang past their timeout (then
-//!   they end `TimedOut`), `forcestop` kills them; VIP requests take time, run one after the
-//!   other per node, acquisition may fail; data synchronisation takes time and may fail;
-//!   `SetWritable` and the VIP are tracked as ghost state for the invariants;
+//!   partitions and single bad networks; tests may also drop, duplicate or deliver early any
+//!   message in flight;
+//! - the node host and its adapters ([`host`]): scripts are often instant (absent) and otherwise
+//!   take random time, may fail or hang past their timeout (then they end `TimedOut`), and
+//!   `forcestop` kills them; VIP requests take time and run one after the other per node (an
+//!   adapter requirement: an abandoned acquire must not end after the release that follows),
+//!   acquisition may fail; data synchronisation takes time and may fail; `SetWritable` and the
+//!   VIP are tracked as ghost state for the invariants;
 //! - crashes (power loss: the core, its scripts, the VIP and the writable mount are gone, only
 //!   the records of `Persist` effects stay) and restarts (a new core with a larger incarnation);
 //! - freezes (`SIGSTOP`): the node handles nothing for a while, then its backlog in order;
@@ -21,12 +28,15 @@
 //! - operator commands, drawn at random ([`faults`]) or scripted by tests.
 //!
 //! **Not simulated:** replication and the data itself (synchronisation is a step that takes time;
-//! "up to date" is checked on the core's claims, not on data), a witness, several modules per
-//! node, a daemon crash that leaves the application, the VIP or the writable mount behind (a
-//! crash is a power loss), clock drift (both nodes share the simulated clock), script output.
+//! "up to date" is checked on the core's persisted claims, not on data, so a core that sets a
+//! wrong claim is not caught by the invariants), a witness, several modules per node, a daemon
+//! crash that leaves the application, the VIP or the writable mount behind (a crash is a power
+//! loss), clock drift (both nodes' clocks advance at the same rate), script output.
 //!
-//! The invariants are in [`invariants`]; [`scenario`] runs one seed: a safety phase with faults,
-//! then a liveness phase without faults that must converge to PRIM/SECOND.
+//! The invariants are in [`invariants`] and are checked by the world after every input a core
+//! handles; [`scenario`] runs one seed: a safety phase with faults, then a liveness phase without
+//! faults that must reach PRIM/SECOND ready; [`trace`] keeps the readable lines printed when a
+//! seed fails.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -46,4 +56,4 @@ pub use network::LinkConf;
 pub use rng::Rng;
 pub use scenario::{RunOptions, SeedFailure, SeedReport, run_seed};
 pub use trace::{Kind, TraceConfig};
-pub use world::{Op, World, WorldConfig};
+pub use world::{Op, Stats, World, WorldConfig};
