@@ -211,6 +211,8 @@ pub struct Persisted {
     pub claim: Claim,
     /// Highest promotion epoch known.
     pub epoch: u64,
+    /// Data generation of the local copy (see `ModuleSnapshot::generation`).
+    pub generation: u64,
     /// This node was primary when it last left the role or stopped.
     pub last_primary: bool,
 }
@@ -220,6 +222,7 @@ impl Default for Persisted {
         Persisted {
             claim: Claim::Fresh,
             epoch: 0,
+            generation: 0,
             last_primary: false,
         }
     }

@@ -60,6 +60,8 @@ pub(crate) enum Step {
     Enter { state: State, ready: bool },
     /// Change the claim and persist it.
     SetClaim(Claim),
+    /// Start a new data generation (persisted by the following `SetClaim`).
+    NewGeneration,
     /// Stop accepting writes and leave the primary role; the claim becomes `Shared` if the peer
     /// is an up-to-date secondary at that moment.
     Fence,
@@ -106,12 +108,14 @@ pub(crate) struct PeerFacts {
     pub running: bool,
     /// The peer holds the primary role.
     pub primary: bool,
-    /// The peer is a secondary synchronised with our current epoch.
+    /// The peer's module is in SECOND (ready or not).
+    pub second: bool,
+    /// The peer is a secondary synchronised with our current data generation.
     pub second_in_sync: bool,
     /// The peer's incarnation.
     pub incarnation: Option<u64>,
-    /// The peer's epoch.
-    pub epoch: u64,
+    /// The peer's data generation.
+    pub generation: u64,
 }
 
 /// One module on the local node.
@@ -141,7 +145,7 @@ pub(crate) struct Module {
     pub app: Option<Script>,
     pub vip_held: bool,
     /// Epoch of the primary this node's data was last synchronised with (as a secondary).
-    pub synced_epoch: u64,
+    pub synced_generation: u64,
     /// Epoch of the primary the running synchronisation copies from.
     pub sync_from: Option<u64>,
     pub last_transition: Option<TransitionRecord>,
@@ -171,7 +175,7 @@ impl Module {
             link_up: true,
             app: None,
             vip_held: false,
-            synced_epoch: 0,
+            synced_generation: 0,
             sync_from: None,
             last_transition: None,
         }
@@ -189,7 +193,8 @@ impl Module {
             grant_to: self.grant_to,
             swap_counter: self.swap_counter,
             last_primary: self.record.last_primary,
-            synced_epoch: self.synced_epoch,
+            generation: self.record.generation,
+            synced_generation: self.synced_generation,
         }
     }
 
@@ -223,14 +228,16 @@ impl Module {
     }
 
     /// Takes the primary role: new epoch, exclusive claim, persisted before anything else.
-    fn commit_primary(&mut self, peer_max_epoch: u64, effects: &mut Vec<Effect>) {
+    fn commit_primary(&mut self, peer_max: (u64, u64), effects: &mut Vec<Effect>) {
+        let (peer_max_epoch, peer_max_generation) = peer_max;
         self.primary_role = true;
         self.want_primary = false;
         self.local_swap = false;
         self.record.epoch = self.record.epoch.max(peer_max_epoch) + 1;
+        self.record.generation = self.record.generation.max(peer_max_generation) + 1;
         self.record.claim = Claim::Exclusive;
         self.record.last_primary = true;
-        self.synced_epoch = 0;
+        self.synced_generation = 0;
         self.persist(effects);
     }
 
@@ -300,12 +307,13 @@ impl Module {
             Some(peer) => PeerFacts {
                 running: true,
                 primary: peer.primary_role,
+                second: peer.state == State::Second,
                 second_in_sync: peer.state == State::Second
                     && peer.ready
-                    && peer.synced_epoch == self.record.epoch
+                    && peer.synced_generation == self.record.generation
                     && self.primary_role,
                 incarnation: context.peer_incarnation,
-                epoch: peer.epoch,
+                generation: peer.generation,
             },
         }
     }
@@ -393,7 +401,10 @@ impl Module {
                     && context.peer_view_settled
                 {
                     let forced = self.goal == Goal::ForcePrim;
-                    self.commit_primary(context.peer_max_epoch, effects);
+                    self.commit_primary(
+                        (context.peer_max_epoch, context.peer_max_generation),
+                        effects,
+                    );
                     self.goal = Goal::Run;
                     let reason = if forced {
                         "forced primary (`tandem prim`)"
@@ -465,7 +476,10 @@ impl Module {
                 let forced_now =
                     context.startup_over || (context.peer_view_settled && !context.peer_alive);
                 if self.goal == Goal::ForcePrim && peer_silent && forced_now {
-                    self.commit_primary(context.peer_max_epoch, effects);
+                    self.commit_primary(
+                        (context.peer_max_epoch, context.peer_max_generation),
+                        effects,
+                    );
                     self.goal = Goal::Run;
                     self.plan_become_primary(
                         State::Wait,
@@ -477,7 +491,10 @@ impl Module {
                 } else if !context.startup_over {
                     self.set_waiting(format!("looking for {}", context.peer_name), logs);
                 } else if self.record.claim == Claim::Exclusive && peer_silent {
-                    self.commit_primary(context.peer_max_epoch, effects);
+                    self.commit_primary(
+                        (context.peer_max_epoch, context.peer_max_generation),
+                        effects,
+                    );
                     self.plan_become_primary(
                         State::Wait,
                         Action::Start,
@@ -577,7 +594,7 @@ impl Module {
         match context.peer {
             Some(peer) if peer.primary_role => {
                 self.want_primary = false;
-                if peer.epoch != self.synced_epoch {
+                if peer.generation != self.synced_generation {
                     self.plan_resync("the primary changed");
                 }
             }
@@ -596,7 +613,10 @@ impl Module {
                     } else {
                         "the peer left the primary role"
                     };
-                    self.commit_primary(context.peer_max_epoch, effects);
+                    self.commit_primary(
+                        (context.peer_max_epoch, context.peer_max_generation),
+                        effects,
+                    );
                     self.plan_takeover(action, reason);
                 } else if !self.link_up {
                     self.plan_leave_to_wait(Action::Auto, "the VIP interface is down", facts);
@@ -644,7 +664,10 @@ impl Module {
                     );
                 } else if self.settings.failover && self.grant_to.is_none() {
                     logs.push((Level::Warn, format!("{why}: failover")));
-                    self.commit_primary(context.peer_max_epoch, effects);
+                    self.commit_primary(
+                        (context.peer_max_epoch, context.peer_max_generation),
+                        effects,
+                    );
                     self.plan_takeover(Action::Auto, &format!("failover: {why}"));
                 } else {
                     self.plan_leave_to_wait(
@@ -798,7 +821,10 @@ impl Module {
     }
 
     fn plan_prim_to_alone(&mut self, reason: &str) {
-        // The exclusive claim is persisted before any write is acknowledged alone.
+        // The exclusive claim and a new data generation are persisted before any write is
+        // acknowledged alone: the secondary, if it comes back, sees the new generation and
+        // resynchronises before the pair is PRIM/SECOND again.
+        self.plan.push_back(Step::NewGeneration);
         self.plan.push_back(Step::SetClaim(Claim::Exclusive));
         self.plan.push_back(Step::Enter {
             state: State::Prim,
@@ -995,9 +1021,31 @@ impl Module {
     ) -> bool {
         let mut progressed = false;
         if let Some((_, Step::AwaitPeerPrimary)) = &self.current {
-            if facts.primary || !facts.running || self.goal == Goal::Stopped {
+            if facts.primary || self.goal == Goal::Stopped {
                 self.current = None;
                 self.handing_over = false;
+                progressed = true;
+            } else if !facts.running || !facts.second {
+                // The peer cannot take the role any more (it left SECOND or is gone): the swap
+                // is abandoned. This node has fenced and released everything; it waits, and the
+                // rules choose the primary again from the claims.
+                self.current = None;
+                self.handing_over = false;
+                self.grant_to = None;
+                self.plan.clear();
+                logs.push((
+                    Level::Warn,
+                    "swap abandoned: the peer could not take the primary role".into(),
+                ));
+                self.plan.push_back(Step::Enter {
+                    state: State::Wait,
+                    ready: true,
+                });
+                self.plan.push_back(Step::Finish {
+                    from: State::Prim,
+                    to: State::Wait,
+                    reason: "swap abandoned: the peer could not take the primary role".into(),
+                });
                 progressed = true;
             } else {
                 return false;
@@ -1014,7 +1062,7 @@ impl Module {
                 match &step {
                     Step::Script { script, .. } if starts_app(*script) => self.app = Some(*script),
                     Step::AcquireVips => self.vip_held = true,
-                    Step::SyncData => self.sync_from = facts.primary.then_some(facts.epoch),
+                    Step::SyncData => self.sync_from = facts.primary.then_some(facts.generation),
                     _ => {}
                 }
                 effects.push(effect);
@@ -1052,6 +1100,9 @@ impl Module {
                     });
                 }
             }
+            Step::NewGeneration => {
+                self.record.generation = self.record.generation.max(facts.generation) + 1;
+            }
             Step::SetClaim(claim) => {
                 self.record.claim = claim;
                 self.persist(effects);
@@ -1088,8 +1139,8 @@ impl Module {
                 // primary now: otherwise it may have ended early or copied from a node that
                 // kept writing, and the data is not known to be up to date.
                 let source = self.sync_from.take();
-                if facts.running && facts.primary && source == Some(facts.epoch) {
-                    self.synced_epoch = facts.epoch;
+                if facts.running && facts.primary && source == Some(facts.generation) {
+                    self.synced_generation = facts.generation;
                     self.record.claim = Claim::Shared;
                     self.record.last_primary = false;
                     self.persist(effects);

@@ -23,6 +23,8 @@ struct PeerView {
     snapshot: Option<NodeSnapshot>,
     /// Highest epoch seen in any of the peer's modules, per module.
     max_epoch: Vec<u64>,
+    /// Highest data generation seen in any of the peer's modules, per module.
+    max_generation: Vec<u64>,
 }
 
 /// The decision core of one node. Feed it [`Input`]s with the current time; carry out the
@@ -71,6 +73,7 @@ impl Node {
             peer: PeerView {
                 last_heard: vec![None; networks],
                 max_epoch: vec![0; n_modules],
+                max_generation: vec![0; n_modules],
                 ..PeerView::default()
             },
             modules,
@@ -261,6 +264,8 @@ impl Node {
             if let Some(peer_module) = peer_module {
                 let index = module.id.0;
                 self.peer.max_epoch[index] = self.peer.max_epoch[index].max(peer_module.epoch);
+                self.peer.max_generation[index] =
+                    self.peer.max_generation[index].max(peer_module.generation);
                 if restarted || module.peer_swap_seen.is_none() {
                     module.peer_swap_seen = Some(peer_module.swap_counter);
                 }
@@ -362,13 +367,14 @@ impl Node {
                     let facts = PeerFacts {
                         running: peer.is_some(),
                         primary: peer_primary,
+                        second: peer.as_ref().is_some_and(|p| p.state == State::Second),
                         second_in_sync: peer_second_ready
                             && module.primary_role
                             && peer
                                 .as_ref()
-                                .is_some_and(|p| p.synced_epoch == module.record.epoch),
+                                .is_some_and(|p| p.synced_generation == module.record.generation),
                         incarnation: None,
-                        epoch: peer.as_ref().map(|p| p.epoch).unwrap_or(0),
+                        generation: peer.as_ref().map(|p| p.generation).unwrap_or(0),
                     };
                     module.plan_stop(true, Action::Stop, "forcestop", facts);
                     Ok("stopping at once".into())
@@ -524,6 +530,7 @@ impl Node {
         let local_name = self.settings.local.clone();
         let peer_name = self.settings.peer.clone();
         let peer_max_epoch = self.peer.max_epoch[id.0];
+        let peer_max_generation = self.peer.max_generation[id.0];
         let my_incarnation = self.incarnation;
         let self_peer_alive = self.peer.alive;
 
@@ -548,6 +555,7 @@ impl Node {
             peer_alive: self_peer_alive,
             my_incarnation,
             peer_max_epoch,
+            peer_max_generation,
         });
 
         // Split brain: both hold the primary role while connected. The deterministic loser
@@ -607,6 +615,7 @@ impl Node {
                 peer_alive: self_peer_alive,
                 my_incarnation,
                 peer_max_epoch,
+                peer_max_generation,
             };
             module.decide(&context, &mut logs, &mut effects);
         }
@@ -621,6 +630,7 @@ impl Node {
             peer_alive: self_peer_alive,
             my_incarnation,
             peer_max_epoch,
+            peer_max_generation,
         });
         let progressed_step =
             module.advance(&mut self.next_step, now, facts, &mut effects, &mut logs);

@@ -24,6 +24,8 @@ pub(crate) struct Context<'a> {
     pub peer_view_settled: bool,
     pub my_incarnation: u64,
     pub peer_max_epoch: u64,
+    /// Highest data generation the peer ever showed for this module.
+    pub peer_max_generation: u64,
 }
 
 /// Which of two running nodes should be primary.

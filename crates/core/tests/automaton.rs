@@ -509,9 +509,9 @@ fn restart_in_prim_and_in_second() {
     );
     world.command(1, Command::Restart);
     run(&mut world, secs(5));
-    // NOTE: the primary leaves PRIM for ALONE while the secondary restarts its scripts, and
-    // comes back without resynchronising it (see the report: writes acknowledged while ALONE
-    // would be missing on the secondary once replication exists).
+    // The primary leaves PRIM for ALONE while the secondary restarts its scripts, with a new data
+    // generation: the secondary resynchronises before the pair is PRIM/SECOND again, so writes
+    // acknowledged while ALONE are not missing on it.
     expect(
         &mut world,
         r#"
@@ -526,6 +526,12 @@ fn restart_in_prim_and_in_second() {
         node1 script transition PRIM ALONE auto
         node1 state ALONE ready
         node1 transition PRIM -> ALONE: the secondary is no longer up to date
+        node2 persist stale epoch 0
+        node2 state SECOND transient
+        node2 sync
+        node2 persist shared epoch 0
+        node2 state SECOND ready
+        node2 transition SECOND -> SECOND: the primary changed
         node1 persist shared epoch 1 last_primary
         node1 state ALONE transient
         node1 script transition ALONE PRIM auto

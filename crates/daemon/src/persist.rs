@@ -16,6 +16,8 @@ use tandem_core::{Claim, Persisted};
 struct RecordFile {
     claim: String,
     epoch: u64,
+    #[serde(default)]
+    generation: u64,
     last_primary: bool,
 }
 
@@ -69,6 +71,7 @@ impl StateDir {
         Ok(Persisted {
             claim,
             epoch: file.epoch,
+            generation: file.generation,
             last_primary: file.last_primary,
         })
     }
@@ -78,6 +81,7 @@ impl StateDir {
         let file = RecordFile {
             claim: record.claim.as_str().to_owned(),
             epoch: record.epoch,
+            generation: record.generation,
             last_primary: record.last_primary,
         };
         let text = serde_json::to_string_pretty(&file).context("cannot encode a state record")?;
@@ -135,6 +139,7 @@ mod tests {
         let record = Persisted {
             claim: Claim::Exclusive,
             epoch: 7,
+            generation: 9,
             last_primary: true,
         };
         state.store("demo", &record).unwrap();

@@ -174,11 +174,12 @@ mod tests {
                 primary_role: true,
                 claim: Claim::Shared,
                 epoch: 3,
+                generation: 4,
                 want_primary: false,
                 grant_to: None,
                 swap_counter: 0,
                 last_primary: true,
-                synced_epoch: 0,
+                synced_generation: 0,
             }],
         }
     }

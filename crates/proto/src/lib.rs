@@ -128,6 +128,9 @@ pub struct ModuleSnapshot {
     pub claim: Claim,
     /// Number of times this module became primary on either node, as far as this node knows.
     pub epoch: u64,
+    /// Data generation: a new value, greater than any seen, whenever the data may diverge from
+    /// what the secondary acknowledged (every promotion, and every PRIM -> ALONE).
+    pub generation: u64,
     /// The node asks the peer for permission to become primary.
     pub want_primary: bool,
     /// The node granted the peer permission to become primary; the value is the peer's
@@ -139,9 +142,10 @@ pub struct ModuleSnapshot {
     pub swap_counter: u64,
     /// The node was primary the last time it stopped or is primary now (`default_primary = last`).
     pub last_primary: bool,
-    /// For a secondary: the primary epoch its data was last synchronised with (0 = none). A
-    /// primary counts its peer as an up-to-date secondary only when this equals its own epoch.
-    pub synced_epoch: u64,
+    /// For a secondary: the primary's data generation its data was last synchronised with
+    /// (0 = none). A primary counts its peer as an up-to-date secondary only when this equals
+    /// its own generation.
+    pub synced_generation: u64,
 }
 
 /// A node's full snapshot.
