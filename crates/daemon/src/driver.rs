@@ -95,6 +95,9 @@ struct Driver {
     net: Net,
     vips: Arc<VipManager>,
     vip_specs: Vec<Vec<VipSpec>>,
+    /// VIP moves of one module run one after the other, in the order the core asked for them,
+    /// even when an abandoned acquire (forcestop) is still running.
+    vip_locks: Vec<Arc<tokio::sync::Mutex<()>>>,
     runners: Vec<ScriptRunner>,
     logs: Arc<Vec<ModuleLogs>>,
     events: broadcast::Sender<tandem_api::Event>,
@@ -318,6 +321,9 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         state,
         net,
         vips,
+        vip_locks: (0..n_modules)
+            .map(|_| Arc::new(tokio::sync::Mutex::new(())))
+            .collect(),
         vip_specs,
         runners,
         logs,
@@ -671,7 +677,14 @@ impl Driver {
         let vips = Arc::clone(&self.vips);
         let logs = self.logs[module.0].clone();
         let finished = self.finished.clone();
+        let lock = Arc::clone(&self.vip_locks[module.0]);
+        // Taken now, in the loop, so that moves start in the order they were asked for.
+        let guard = Arc::clone(&lock).try_lock_owned();
         self.tasks.spawn(async move {
+            let _guard = match guard {
+                Ok(guard) => guard,
+                Err(_) => lock.lock_owned().await,
+            };
             let mut outcome = Outcome::Ok;
             for spec in &specs {
                 let started = Instant::now();
