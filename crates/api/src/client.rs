@@ -18,8 +18,8 @@ use crate::{ApiError, Event};
 pub enum ClientError {
     /// The daemon is not reachable.
     #[error(
-        "cannot reach the tandem daemon at {socket}: {source} (is `tandem daemon` running, and \
-         are you root?)"
+        "cannot reach the tandem daemon at {socket} (is `tandem daemon` running, and are you \
+         root?)"
     )]
     Connect {
         /// Socket path.
