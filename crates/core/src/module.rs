@@ -266,7 +266,15 @@ impl Module {
         }
         // Neither the role nor the VIPs may still be held here: a node that was just fenced
         // (interface down, split brain) grants once its VIPs are removed.
-        if self.grant_to.is_none() && peer.want_primary && !self.primary_role && !self.vip_held {
+        // A node that holds writes the peer lacks does not hand it the role.
+        let holds_newer_data = self.record.claim == Claim::Exclusive
+            && self.record.generation > peer.generation.max(peer.synced_generation);
+        if self.grant_to.is_none()
+            && peer.want_primary
+            && !self.primary_role
+            && !self.vip_held
+            && !holds_newer_data
+        {
             // A pending `tandem prim` never grants, even before the start scripts are done. The
             // policy's preference holds against a peer that asks anyway (it was forced) only
             // when the claims differ: with equal claims nothing is lost whichever node serves,
@@ -308,8 +316,8 @@ impl Module {
                 running: true,
                 primary: peer.primary_role,
                 second: peer.state == State::Second,
+                // Not `ready`: a secondary restarting its scripts stays in sync.
                 second_in_sync: peer.state == State::Second
-                    && peer.ready
                     && peer.synced_generation == self.record.generation
                     && self.primary_role,
                 incarnation: context.peer_incarnation,
@@ -500,6 +508,23 @@ impl Module {
                         Action::Start,
                         "this node has the only up-to-date data and the peer is absent",
                     );
+                } else if self.record.claim == Claim::Shared
+                    && peer_silent
+                    && context
+                        .peer_stopped
+                        .is_some_and(|peer| peer.claim != Claim::Exclusive)
+                {
+                    // The peer's daemon answers, its module is stopped, and it holds no write this
+                    // node lacks (only a node that served alone does): nothing can be lost.
+                    self.commit_primary(
+                        (context.peer_max_epoch, context.peer_max_generation),
+                        effects,
+                    );
+                    self.plan_become_primary(
+                        State::Wait,
+                        Action::Start,
+                        "the peer's module is stopped and holds no data this node lacks",
+                    );
                 } else {
                     self.set_waiting(
                         format!(
@@ -588,9 +613,26 @@ impl Module {
         effects: &mut Vec<Effect>,
     ) {
         self.wait_reason = None;
-        // Only an up-to-date secondary takes over; one whose synchronisation did not complete
-        // waits for the operator or for the primary to come back.
-        let up_to_date = self.record.claim.is_up_to_date();
+        // Only an up-to-date secondary takes over; one whose synchronisation did not complete,
+        // or that has seen the primary start a newer data generation than the one it
+        // synchronised with (the primary went ALONE meanwhile), waits for the operator or for the
+        // primary to come back.
+        let behind = context.peer_max_generation > self.synced_generation;
+        let up_to_date = self.record.claim.is_up_to_date() && !behind;
+        if behind
+            && self.record.claim.is_up_to_date()
+            && context.peer.is_none_or(|peer| !peer.primary_role)
+        {
+            logs.push((
+                Level::Warn,
+                format!(
+                    "{} moved on to data generation {} after this node synchronised with {}: \
+                     this node is not up to date",
+                    context.peer_name, context.peer_max_generation, self.synced_generation
+                ),
+            ));
+            self.plan.push_back(Step::SetClaim(Claim::Stale));
+        }
         match context.peer {
             Some(peer) if peer.primary_role => {
                 self.want_primary = false;

@@ -505,6 +505,20 @@ impl Node {
         }
     }
 
+    /// The peer's module when the peer is alive and the module is stopped there.
+    fn peer_stopped_module(&self, id: ModuleId) -> Option<&ModuleSnapshot> {
+        if !self.peer.alive {
+            return None;
+        }
+        let name = &self.modules.get(id.0)?.settings.name;
+        self.peer.snapshot.as_ref().and_then(|snapshot| {
+            snapshot
+                .modules
+                .iter()
+                .find(|module| &module.name == name && module.state == State::Stop)
+        })
+    }
+
     fn peer_module(&self, id: ModuleId) -> Option<&ModuleSnapshot> {
         if !self.peer.alive {
             return None;
@@ -519,6 +533,7 @@ impl Node {
     /// One round for one module; returns whether anything changed.
     fn step_module(&mut self, id: ModuleId) -> bool {
         let peer = self.peer_module(id).cloned();
+        let peer_stopped = self.peer_stopped_module(id).cloned();
         let peer_incarnation = self
             .peer
             .snapshot
@@ -551,6 +566,7 @@ impl Node {
             local_name: &local_name,
             peer_name: &peer_name,
             peer: peer.as_ref(),
+            peer_stopped: peer_stopped.as_ref(),
             peer_incarnation,
             peer_alive: self_peer_alive,
             my_incarnation,
@@ -611,6 +627,7 @@ impl Node {
                 local_name: &local_name,
                 peer_name: &peer_name,
                 peer: peer.as_ref(),
+                peer_stopped: peer_stopped.as_ref(),
                 peer_incarnation,
                 peer_alive: self_peer_alive,
                 my_incarnation,
@@ -626,6 +643,7 @@ impl Node {
             local_name: &local_name,
             peer_name: &peer_name,
             peer: peer.as_ref(),
+            peer_stopped: peer_stopped.as_ref(),
             peer_incarnation,
             peer_alive: self_peer_alive,
             my_incarnation,

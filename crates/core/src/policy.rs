@@ -16,6 +16,8 @@ pub(crate) struct Context<'a> {
     pub peer_name: &'a str,
     /// The peer's module, if the peer is alive and runs it (not STOP).
     pub peer: Option<&'a ModuleSnapshot>,
+    /// The peer's module, if the peer is alive and the module is stopped there.
+    pub peer_stopped: Option<&'a ModuleSnapshot>,
     pub peer_incarnation: Option<u64>,
     /// Heartbeats arrive from the peer (its module may still be stopped).
     pub peer_alive: bool,

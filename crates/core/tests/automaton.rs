@@ -302,7 +302,7 @@ fn prim_becomes_alone_when_the_secondary_stops() {
         node1 state PRIM transient
         node1 script transition PRIM ALONE auto
         node1 state ALONE ready
-        node1 transition PRIM -> ALONE: the secondary is no longer up to date
+        node1 transition PRIM -> ALONE: the secondary is gone
         "#,
     );
 }
@@ -463,7 +463,7 @@ fn stop_of_the_secondary() {
         node1 state PRIM transient
         node1 script transition PRIM ALONE auto
         node1 state ALONE ready
-        node1 transition PRIM -> ALONE: the secondary is no longer up to date
+        node1 transition PRIM -> ALONE: the secondary is gone
         "#,
     );
 }
@@ -509,9 +509,7 @@ fn restart_in_prim_and_in_second() {
     );
     world.command(1, Command::Restart);
     run(&mut world, secs(5));
-    // The primary leaves PRIM for ALONE while the secondary restarts its scripts, with a new data
-    // generation: the secondary resynchronises before the pair is PRIM/SECOND again, so writes
-    // acknowledged while ALONE are not missing on it.
+    // A scripts-only restart of the secondary keeps it in sync: the pair stays PRIM/SECOND.
     expect(
         &mut world,
         r#"
@@ -521,22 +519,6 @@ fn restart_in_prim_and_in_second() {
         node2 script start_second SECOND SECOND restart
         node2 state SECOND ready
         node2 transition SECOND -> SECOND: restart
-        node1 persist exclusive epoch 1 last_primary
-        node1 state PRIM transient
-        node1 script transition PRIM ALONE auto
-        node1 state ALONE ready
-        node1 transition PRIM -> ALONE: the secondary is no longer up to date
-        node2 persist stale epoch 0
-        node2 state SECOND transient
-        node2 sync
-        node2 persist shared epoch 0
-        node2 state SECOND ready
-        node2 transition SECOND -> SECOND: the primary changed
-        node1 persist shared epoch 1 last_primary
-        node1 state ALONE transient
-        node1 script transition ALONE PRIM auto
-        node1 state PRIM ready
-        node1 transition ALONE -> PRIM: the secondary is up to date
         "#,
     );
 }
@@ -649,11 +631,6 @@ fn stop_script_failure_and_timeout_call_it_again_with_force() {
         node2 state SECOND transient
         node2 persist stale epoch 0
         node2 script stop_second SECOND WAIT stop
-        node1 persist exclusive epoch 1 last_primary
-        node1 state PRIM transient
-        node1 script transition PRIM ALONE auto
-        node1 state ALONE ready
-        node1 transition PRIM -> ALONE: the secondary is no longer up to date
         node2 stop_second done: timed out
         node2 warn: stop_second did not stop gracefully (timed out): calling it with force
         node2 script stop_second SECOND WAIT stop force
@@ -662,6 +639,11 @@ fn stop_script_failure_and_timeout_call_it_again_with_force() {
         node2 script transition WAIT STOP stop
         node2 state STOP ready
         node2 transition SECOND -> STOP: stop requested
+        node1 persist exclusive epoch 1 last_primary
+        node1 state PRIM transient
+        node1 script transition PRIM ALONE auto
+        node1 state ALONE ready
+        node1 transition PRIM -> ALONE: the secondary is gone
         "#,
     );
     world.command(0, Command::Stop);
@@ -818,13 +800,8 @@ fn refused_commands_say_why() {
         node2 command restart: ok: restarting the application scripts
         node2 state SECOND transient
         node2 script stop_second SECOND SECOND restart
-        node1 persist exclusive epoch 1 last_primary
-        node1 state PRIM transient
-        node1 script transition PRIM ALONE auto
-        node1 state ALONE ready
-        node1 transition PRIM -> ALONE: the secondary is no longer up to date
-        node2 command swap: refused: swap needs PRIM and SECOND, both ready (local SECOND transient, peer ALONE)
-        node1 command swap: refused: swap needs PRIM and SECOND, both ready (local ALONE, peer SECOND transient)
+        node2 command swap: refused: swap needs PRIM and SECOND, both ready (local SECOND transient, peer PRIM)
+        node1 command swap: refused: swap needs PRIM and SECOND, both ready (local PRIM, peer SECOND transient)
         node2 command restart: refused: cannot restart while SECOND is transient
         "#,
     );
@@ -1571,4 +1548,109 @@ fn an_idle_waiting_module_does_not_make_the_driver_spin() {
     }
     assert_eq!(node.status().modules[0].state, State::Wait);
     assert!(now > Time::ZERO.plus(secs(10)));
+}
+
+#[test]
+fn a_secondary_that_saw_a_newer_generation_does_not_take_over() {
+    // node2 restarts its scripts slowly; meanwhile node1 stops hearing it, goes ALONE (a new data
+    // generation that node2 never synchronised) and is then stopped. node2 must not serve its
+    // older data: it waits, stale.
+    let mut world = pair();
+    world.rule(
+        1,
+        Script::StartSecond,
+        ScriptRule::Take {
+            after: secs(8),
+            outcome: Outcome::Ok,
+        },
+    );
+    world.command(1, Command::Restart);
+    run(&mut world, secs(1));
+    world.partition(Some(1));
+    run(&mut world, secs(4));
+    assert_eq!(state(&world, 0), (State::Alone, true));
+    world.heal();
+    run(&mut world, secs(1));
+    world.command(0, Command::Stop);
+    run(&mut world, secs(10));
+    let _ = world.take_transcript();
+    assert_eq!(state(&world, 0).0, State::Stop);
+    let node2 = world.module(1).unwrap();
+    assert_eq!(
+        node2.state,
+        State::Wait,
+        "node2 must not take over on older data"
+    );
+    assert_eq!(node2.claim, Claim::Stale);
+    assert!(!node2.primary_role);
+}
+
+#[test]
+fn restart_in_alone() {
+    let mut world = pair();
+    world.command(1, Command::Stop);
+    run(&mut world, secs(5));
+    let _ = world.take_transcript();
+    assert_eq!(state(&world, 0), (State::Alone, true));
+    world.command(0, Command::Restart);
+    run(&mut world, secs(5));
+    expect(
+        &mut world,
+        r#"
+        node1 command restart: ok: restarting the application scripts
+        node1 state ALONE transient
+        node1 script stop_prim ALONE ALONE restart
+        node1 script start_prim ALONE ALONE restart
+        node1 state ALONE ready
+        node1 transition ALONE -> ALONE: restart
+        "#,
+    );
+}
+
+#[test]
+fn a_swap_abandoned_because_the_secondary_stops_ends_with_the_old_primary_alone() {
+    let mut world = pair();
+    world.rule(0, Script::StopPrim, ScriptRule::Hold);
+    world.command(0, Command::Swap);
+    run(&mut world, secs(1));
+    world.command(1, Command::Stop);
+    run(&mut world, secs(1));
+    assert!(world.finish_script(0, Script::StopPrim, Outcome::Ok));
+    run(&mut world, secs(8));
+    expect(
+        &mut world,
+        r#"
+        node1 command swap: ok: swapping roles
+        node1 state PRIM transient
+        node1 script stop_prim PRIM SECOND swap
+        node2 command stop: ok: stopping
+        node2 state SECOND transient
+        node2 persist stale epoch 0
+        node2 script stop_second SECOND WAIT stop
+        node2 script transition SECOND WAIT stop
+        node2 script poststop WAIT STOP stop
+        node2 script transition WAIT STOP stop
+        node2 state STOP ready
+        node2 transition SECOND -> STOP: stop requested
+        node1 stop_prim done: ok
+        node1 vip release
+        node1 writable off
+        node1 persist shared epoch 1 last_primary
+        node1 script transition PRIM SECOND swap
+        node1 warn: the peer disappeared during the swap
+        node1 state WAIT ready
+        node1 warn: swap abandoned: the peer could not take the primary role
+        node1 transition PRIM -> WAIT: swap abandoned: the peer could not take the primary role
+        node1 persist exclusive epoch 2 last_primary
+        node1 state WAIT transient
+        node1 script transition WAIT ALONE start
+        node1 vip acquire
+        node1 writable on
+        node1 script start_prim WAIT ALONE start
+        node1 state ALONE ready
+        node1 transition WAIT -> ALONE: the peer's module is stopped and holds no data this node lacks
+        "#,
+    );
+    assert_eq!(state(&world, 0), (State::Alone, true));
+    assert_eq!(state(&world, 1).0, State::Stop);
 }
