@@ -310,6 +310,9 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         });
     }
 
+    // From here on, if this process dies, the guard fences the node.
+    let guard = crate::guard::Guard::spawn(&config.path, &node_name)?;
+
     let (finished, mut finished_rx) = mpsc::channel(64);
     let n_networks = local.addrs.len();
     let n_modules = config.modules.len();
@@ -385,6 +388,7 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
     driver.net.stop().await;
     let _ = std::fs::remove_file(&config.daemon.socket);
+    guard.dismiss();
     Ok(())
 }
 

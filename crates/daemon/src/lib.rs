@@ -3,6 +3,7 @@
 
 mod api;
 mod driver;
+pub mod guard;
 mod persist;
 
 pub use driver::{DaemonOptions, run};

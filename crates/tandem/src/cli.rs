@@ -64,6 +64,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 }
             }
         }
+        Commands::Guard { node } => {
+            let config = load_config(&args)?;
+            tandem_daemon::guard::run(&config, node)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Commands::Secret => {
             println!(
                 "{}",

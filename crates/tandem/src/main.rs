@@ -89,6 +89,13 @@ pub enum Commands {
         /// The message.
         message: Vec<String>,
     },
+    /// Started by the daemon: fences the node (VIPs, application) if the daemon dies.
+    #[command(hide = true)]
+    Guard {
+        /// The daemon's node name.
+        #[arg(long)]
+        node: String,
+    },
     /// Build a lab on this machine and run a complete cluster in it.
     Demo {
         #[command(subcommand)]
