@@ -56,7 +56,7 @@ impl Guard {
 pub fn run(config: &Config, node: &str) -> Result<()> {
     let mut line = String::new();
     let stdin = std::io::stdin();
-    let clean = matches!(stdin.lock().read_line(&mut line), Ok(_) if line.trim() == "bye");
+    let clean = stdin.lock().read_line(&mut line).is_ok() && line.trim() == "bye";
     if clean {
         return Ok(());
     }
