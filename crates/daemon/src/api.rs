@@ -27,8 +27,14 @@ pub(crate) fn bind(socket: &Path) -> Result<UnixListener> {
     let directory = socket
         .parent()
         .context("the control socket path has no directory")?;
-    std::fs::create_dir_all(directory)
-        .with_context(|| format!("cannot create {}", directory.display()))?;
+    if !directory.exists() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(directory)
+            .with_context(|| format!("cannot create {}", directory.display()))?;
+    }
     if std::os::unix::net::UnixStream::connect(socket).is_ok() {
         anyhow::bail!(
             "another tandem daemon is already listening on {}; stop it first",

@@ -90,7 +90,8 @@ struct Driver {
     config: Arc<Config>,
     node_name: String,
     node: Node,
-    origin: Instant,
+    /// `CLOCK_BOOTTIME` at start, in nanoseconds.
+    origin: u64,
     state: StateDir,
     net: Net,
     vips: Arc<VipManager>,
@@ -150,7 +151,7 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         );
     }
 
-    let origin = Instant::now();
+    let origin = boottime_nanos();
     let node = Node::new(settings, records, incarnation, Time(0));
 
     let shutdown = CancellationToken::new();
@@ -240,6 +241,9 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
                         spec.addr
                     ),
                 );
+                // Without a watched interface the VIP cannot be trusted here: the module must not
+                // become primary on this node, so its link counts as down.
+                let _ = link_tx.send((ModuleId(index), false)).await;
                 continue;
             }
         };
@@ -253,6 +257,9 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
                     tandem_scripts::Level::Error,
                     &format!("cannot watch the link of {interface}: {error}"),
                 );
+                // Without a watched interface the VIP cannot be trusted here: the module must not
+                // become primary on this node, so its link counts as down.
+                let _ = link_tx.send((ModuleId(index), false)).await;
                 continue;
             }
         };
@@ -352,14 +359,20 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         .context("cannot install the SIGINT handler")?;
     let mut stopping = false;
     loop {
-        let deadline = driver.node.poll_timeout().map(|time| driver.instant(time));
+        let delay = driver
+            .node
+            .poll_timeout()
+            .map(|time| time.since(driver.now()));
         let sleep = async {
-            match deadline {
-                Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+            match delay {
+                Some(delay) => tokio::time::sleep(delay).await,
                 None => std::future::pending().await,
             }
         };
+        // Biased: pending heartbeats are handled before a timer tick, so a loop that was slow for
+        // a moment does not declare a peer lost whose heartbeats are waiting in the queue.
         tokio::select! {
+            biased;
             Some(event) = net_rx.recv() => driver.on_net(event),
             Some(request) = request_rx.recv() => driver.on_request(request),
             Some(done) = finished_rx.recv() => {
@@ -393,12 +406,11 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
 }
 
 impl Driver {
+    /// The core's clock: `CLOCK_BOOTTIME`, monotonic and, unlike `CLOCK_MONOTONIC`, counting
+    /// the time the machine was suspended, so that a resumed node sees the gap (the core then
+    /// does not trust its old view of the peer).
     fn now(&self) -> Time {
-        Time(u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX))
-    }
-
-    fn instant(&self, time: Time) -> Instant {
-        self.origin + Duration::from_nanos(time.0)
+        Time(boottime_nanos().saturating_sub(self.origin))
     }
 
     fn input(&mut self, input: Input) {
@@ -846,6 +858,16 @@ fn up_to_date(claim: tandem_core::Claim, state: Option<tandem_core::State>) -> b
         Claim::Shared => matches!(state, Some(State::Prim | State::Second | State::Alone)),
         Claim::Fresh | Claim::Stale => false,
     }
+}
+
+fn boottime_nanos() -> u64 {
+    // CLOCK_BOOTTIME exists on every Linux this runs on; 0 would only make time stand still.
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|spec| {
+            u64::try_from(spec.tv_sec()).unwrap_or(0) * 1_000_000_000
+                + u64::try_from(spec.tv_nsec()).unwrap_or(0)
+        })
+        .unwrap_or(0)
 }
 
 fn open_logs(

@@ -264,6 +264,14 @@ async fn wait_state(
                         return Ok(ExitCode::SUCCESS);
                     }
                 }
+                // The stream's keep-alive: look again, in case events were dropped for a slow
+                // reader.
+                Some(Event::Heartbeat) => {
+                    if reached(&client.status().await?)? {
+                        println!("{name}: {wanted} ready");
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                }
                 Some(_) => {}
             }
         }

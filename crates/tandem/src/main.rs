@@ -42,7 +42,7 @@ pub enum Commands {
     WaitState {
         /// STOP, WAIT, ALONE, PRIM or SECOND.
         state: String,
-        /// Give up after this long (e.g. 30s); exit code 2 on timeout.
+        /// Give up after this long (e.g. 30s; default: wait forever); exit code 11 on timeout.
         #[arg(long)]
         timeout: Option<String>,
     },

@@ -494,8 +494,11 @@ fn the_demo_commands_build_describe_run_in_and_remove_the_lab() {
             .output()
             .unwrap()
     };
-    // A leftover from an interrupted run would make `up` refuse.
-    let _ = demo(&["down"]);
+    // Never tear down a demo somebody is using: the demo lab has one fixed name.
+    assert!(
+        !Path::new("/run/tandem-lab/demo").exists(),
+        "a demo lab is running on this machine: stop it with `tandem demo down` before the tests"
+    );
     let up = demo(&["up"]);
     let result = std::panic::catch_unwind(|| {
         assert!(
