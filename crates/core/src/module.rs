@@ -498,6 +498,25 @@ impl Module {
                     self.set_waiting("waiting for a primary to synchronise from".into(), logs);
                 } else if !context.startup_over {
                     self.set_waiting(format!("looking for {}", context.peer_name), logs);
+                } else if self.record.claim == Claim::Exclusive
+                    && peer_silent
+                    && (context.peer_max_generation >= self.record.generation
+                        || context.peer_max_epoch > self.record.epoch)
+                {
+                    // Epochs and generations are started only by a node that takes the primary
+                    // role or goes ALONE, above every one it knows: the peer showed a generation
+                    // at least as new as this node's, or took the primary role after this node
+                    // did, so it served after (or while) this node did and may hold writes this
+                    // node lacks (split brain). Taking over now could lose them.
+                    self.set_waiting(
+                        format!(
+                            "{} served alone after this node did (data generation {} against {}): \
+                             both nodes may hold writes the other lacks; run `tandem prim` on the \
+                             node whose data to keep",
+                            context.peer_name, context.peer_max_generation, self.record.generation
+                        ),
+                        logs,
+                    );
                 } else if self.record.claim == Claim::Exclusive && peer_silent {
                     self.commit_primary(
                         (context.peer_max_epoch, context.peer_max_generation),

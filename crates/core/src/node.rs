@@ -260,15 +260,22 @@ impl Node {
             );
         }
         for module in &mut self.modules {
-            let peer_module = find_module(&snapshot, &module.settings.name);
-            if let Some(peer_module) = peer_module {
-                let index = module.id.0;
-                self.peer.max_epoch[index] = self.peer.max_epoch[index].max(peer_module.epoch);
+            // The epoch and generation of a stopped module count too: it may have served before
+            // it stopped, and this node must neither reuse its epoch nor ignore its writes.
+            let index = module.id.0;
+            if let Some(any_state) = snapshot
+                .modules
+                .iter()
+                .find(|peer_module| peer_module.name == module.settings.name)
+            {
+                self.peer.max_epoch[index] = self.peer.max_epoch[index].max(any_state.epoch);
                 self.peer.max_generation[index] =
-                    self.peer.max_generation[index].max(peer_module.generation);
-                if restarted || module.peer_swap_seen.is_none() {
-                    module.peer_swap_seen = Some(peer_module.swap_counter);
-                }
+                    self.peer.max_generation[index].max(any_state.generation);
+            }
+            if let Some(peer_module) = find_module(&snapshot, &module.settings.name)
+                && (restarted || module.peer_swap_seen.is_none())
+            {
+                module.peer_swap_seen = Some(peer_module.swap_counter);
             }
         }
         self.peer.snapshot = Some(snapshot);

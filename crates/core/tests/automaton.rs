@@ -1654,3 +1654,32 @@ fn a_swap_abandoned_because_the_secondary_stops_ends_with_the_old_primary_alone(
     assert_eq!(state(&world, 0), (State::Alone, true));
     assert_eq!(state(&world, 1).0, State::Stop);
 }
+
+#[test]
+fn after_a_split_brain_a_node_does_not_start_alone_over_a_peer_that_served_later() {
+    // A partition makes both nodes primary; node1 then crashes; after the heal node2 stops its
+    // module. node1 restarts with an exclusive claim, but node2 (reachable, module stopped)
+    // served after it: node1 must wait for the operator instead of serving and orphaning node2's
+    // writes.
+    let mut world = pair();
+    world.partition(None);
+    run(&mut world, secs(6));
+    assert_eq!(state(&world, 0).0, State::Alone);
+    assert_eq!(state(&world, 1).0, State::Alone);
+    world.crash(0);
+    world.heal();
+    world.command(1, Command::Stop);
+    run(&mut world, secs(6));
+    assert_eq!(state(&world, 1).0, State::Stop);
+    world.restart(0);
+    world.command(0, Command::Start);
+    run(&mut world, secs(10));
+    let _ = world.take_transcript();
+    let node1 = world.status(0).unwrap();
+    assert_eq!(node1.modules[0].state, State::Wait, "node1 must not serve");
+    let waiting = node1.modules[0].waiting_for.clone().unwrap_or_default();
+    assert!(
+        waiting.contains("served alone after this node did"),
+        "{waiting}"
+    );
+}
