@@ -2,9 +2,13 @@
 # Installs what tandem's demo and test suite need on a fresh Debian machine (run as root).
 set -eu
 missing=""
-for pair in ip:iproute2 nft:nftables nsenter:util-linux unshare:util-linux curl:curl ping:iputils-ping; do
+for pair in ip:iproute2 nft:nftables nsenter:util-linux unshare:util-linux curl:curl ping:iputils-ping \
+    sqlite3:sqlite3 cc:build-essential pkg-config:pkg-config; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing="$missing ${pair#*:}"
 done
+# pjdfstest (POSIX conformance of the replicated filesystem) links against libacl.
+[ -e /usr/include/sys/acl.h ] || missing="$missing libacl1-dev"
+[ -e /dev/fuse ] || echo "warning: /dev/fuse is missing: the filesystem tests cannot mount" >&2
 if [ -n "$missing" ]; then
     echo "installing:$missing"
     apt-get update -qq
@@ -22,3 +26,7 @@ if ! command -v cargo >/dev/null 2>&1; then
     fi
 fi
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt 2>/dev/null || true
+if ! command -v pjdfstest >/dev/null 2>&1; then
+    echo "installing pjdfstest (POSIX filesystem conformance suite)"
+    cargo install --locked --quiet pjdfstest --version 0.2.2
+fi
