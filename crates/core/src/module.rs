@@ -148,6 +148,11 @@ pub(crate) struct Module {
     pub synced_generation: u64,
     /// Epoch of the primary the running synchronisation copies from.
     pub sync_from: Option<u64>,
+    /// Since its last synchronisation, this secondary saw its primary acknowledge writes only
+    /// with it (claim `shared`, PRIM) in the synchronised generation. Until then the primary is
+    /// ALONE: it acknowledges writes alone, and those that replication could not carry here are
+    /// missing from this node's data.
+    pub primary_shared_seen: bool,
     pub last_transition: Option<TransitionRecord>,
 }
 
@@ -177,6 +182,7 @@ impl Module {
             vip_held: false,
             synced_generation: 0,
             sync_from: None,
+            primary_shared_seen: false,
             last_transition: None,
         }
     }
@@ -637,7 +643,14 @@ impl Module {
         // synchronised with (the primary went ALONE meanwhile), waits for the operator or for the
         // primary to come back.
         let behind = context.peer_max_generation > self.synced_generation;
-        let up_to_date = self.record.claim.is_up_to_date() && !behind;
+        if context.peer.is_some_and(|peer| {
+            peer.primary_role
+                && peer.claim == Claim::Shared
+                && peer.generation == self.synced_generation
+        }) {
+            self.primary_shared_seen = true;
+        }
+        let up_to_date = self.record.claim.is_up_to_date() && !behind && self.primary_shared_seen;
         if behind
             && self.record.claim.is_up_to_date()
             && context.peer.is_none_or(|peer| !peer.primary_role)
@@ -1202,6 +1215,7 @@ impl Module {
                 let source = self.sync_from.take();
                 if facts.running && facts.primary && source == Some(facts.generation) {
                     self.synced_generation = facts.generation;
+                    self.primary_shared_seen = false;
                     self.record.claim = Claim::Shared;
                     self.record.last_primary = false;
                     self.persist(effects);
