@@ -1026,8 +1026,7 @@ impl Module {
         // claim would otherwise let it be preferred to a peer that holds those writes.
         let gives_up =
             facts.primary || (!self.primary_shared_seen && self.record.claim.is_up_to_date());
-        if from == State::Second && gives_up && !self.plan.contains(&Step::SetClaim(Claim::Stale))
-        {
+        if from == State::Second && gives_up && !self.plan.contains(&Step::SetClaim(Claim::Stale)) {
             self.plan.push_back(Step::SetClaim(Claim::Stale));
         }
         if self.app == Some(Script::StartPrim) || from.is_primary() {

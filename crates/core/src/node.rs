@@ -645,7 +645,7 @@ impl Node {
                 peer_name: &peer_name,
                 peer: peer.as_ref(),
                 peer_stopped: peer_stopped.as_ref(),
-            peer_last: peer_last.as_ref(),
+                peer_last: peer_last.as_ref(),
                 peer_incarnation,
                 peer_alive: self_peer_alive,
                 my_incarnation,
