@@ -148,6 +148,11 @@ pub(crate) struct Module {
     pub synced_generation: u64,
     /// Epoch of the primary the running synchronisation copies from.
     pub sync_from: Option<u64>,
+    /// Since its last synchronisation, this secondary saw its primary acknowledge writes only
+    /// with it (claim `shared`, PRIM) in the synchronised generation. Until then the primary is
+    /// ALONE: it acknowledges writes alone, and those that replication could not carry here are
+    /// missing from this node's data.
+    pub primary_shared_seen: bool,
     pub last_transition: Option<TransitionRecord>,
 }
 
@@ -177,6 +182,7 @@ impl Module {
             vip_held: false,
             synced_generation: 0,
             sync_from: None,
+            primary_shared_seen: false,
             last_transition: None,
         }
     }
@@ -517,6 +523,28 @@ impl Module {
                         ),
                         logs,
                     );
+                } else if self.record.claim == Claim::Exclusive
+                    && peer_silent
+                    && context
+                        .peer_last
+                        .is_some_and(|peer| peer.claim == Claim::Exclusive)
+                {
+                    // The peer (stopped, or absent now) was last seen with the claim `exclusive`:
+                    // it served alone too and has not resynchronised from this node since, so it
+                    // holds writes this node lacks. Its older generation does not make them older
+                    // than this node's: a node promoted while the peer served on the other side
+                    // of a partition (an operator's `prim`) starts a newer generation while the
+                    // peer goes on acknowledging writes in its own. As with two running
+                    // exclusive nodes (`policy::prefer`), the operator chooses.
+                    self.set_waiting(
+                        format!(
+                            "{} served alone too (claim exclusive when last seen): both nodes may \
+                             hold writes the other lacks; run `tandem prim` on the node whose \
+                             data to keep",
+                            context.peer_name
+                        ),
+                        logs,
+                    );
                 } else if self.record.claim == Claim::Exclusive && peer_silent {
                     self.commit_primary(
                         (context.peer_max_epoch, context.peer_max_generation),
@@ -637,7 +665,14 @@ impl Module {
         // synchronised with (the primary went ALONE meanwhile), waits for the operator or for the
         // primary to come back.
         let behind = context.peer_max_generation > self.synced_generation;
-        let up_to_date = self.record.claim.is_up_to_date() && !behind;
+        if context.peer.is_some_and(|peer| {
+            peer.primary_role
+                && peer.claim == Claim::Shared
+                && peer.generation == self.synced_generation
+        }) {
+            self.primary_shared_seen = true;
+        }
+        let up_to_date = self.record.claim.is_up_to_date() && !behind && self.primary_shared_seen;
         if behind
             && self.record.claim.is_up_to_date()
             && context.peer.is_none_or(|peer| !peer.primary_role)
@@ -983,7 +1018,15 @@ impl Module {
         if vips_first {
             self.plan.push_back(Step::ReleaseVips);
         }
-        if from == State::Second && facts.primary {
+        // A secondary that leaves SECOND gives its data up for the next resynchronisation when
+        // the primary goes on serving without it, and also when it never saw its primary
+        // acknowledge writes with it (PRIM, claim `shared`) since its synchronisation: the
+        // primary was ALONE meanwhile and acknowledged writes alone that replication may not
+        // have carried here (the channel can fail before either node notices). Its `shared`
+        // claim would otherwise let it be preferred to a peer that holds those writes.
+        let gives_up =
+            facts.primary || (!self.primary_shared_seen && self.record.claim.is_up_to_date());
+        if from == State::Second && gives_up && !self.plan.contains(&Step::SetClaim(Claim::Stale)) {
             self.plan.push_back(Step::SetClaim(Claim::Stale));
         }
         if self.app == Some(Script::StartPrim) || from.is_primary() {
@@ -1202,6 +1245,7 @@ impl Module {
                 let source = self.sync_from.take();
                 if facts.running && facts.primary && source == Some(facts.generation) {
                     self.synced_generation = facts.generation;
+                    self.primary_shared_seen = false;
                     self.record.claim = Claim::Shared;
                     self.record.last_primary = false;
                     self.persist(effects);

@@ -541,6 +541,15 @@ impl Node {
     fn step_module(&mut self, id: ModuleId) -> bool {
         let peer = self.peer_module(id).cloned();
         let peer_stopped = self.peer_stopped_module(id).cloned();
+        let peer_last = self.modules.get(id.0).and_then(|module| {
+            self.peer.snapshot.as_ref().and_then(|snapshot| {
+                snapshot
+                    .modules
+                    .iter()
+                    .find(|peer_module| peer_module.name == module.settings.name)
+                    .cloned()
+            })
+        });
         let peer_incarnation = self
             .peer
             .snapshot
@@ -574,6 +583,7 @@ impl Node {
             peer_name: &peer_name,
             peer: peer.as_ref(),
             peer_stopped: peer_stopped.as_ref(),
+            peer_last: peer_last.as_ref(),
             peer_incarnation,
             peer_alive: self_peer_alive,
             my_incarnation,
@@ -635,6 +645,7 @@ impl Node {
                 peer_name: &peer_name,
                 peer: peer.as_ref(),
                 peer_stopped: peer_stopped.as_ref(),
+                peer_last: peer_last.as_ref(),
                 peer_incarnation,
                 peer_alive: self_peer_alive,
                 my_incarnation,
@@ -651,6 +662,7 @@ impl Node {
             peer_name: &peer_name,
             peer: peer.as_ref(),
             peer_stopped: peer_stopped.as_ref(),
+            peer_last: peer_last.as_ref(),
             peer_incarnation,
             peer_alive: self_peer_alive,
             my_incarnation,

@@ -18,6 +18,9 @@ pub(crate) struct Context<'a> {
     pub peer: Option<&'a ModuleSnapshot>,
     /// The peer's module, if the peer is alive and the module is stopped there.
     pub peer_stopped: Option<&'a ModuleSnapshot>,
+    /// The peer's module in the newest snapshot received from it (this incarnation), whatever
+    /// its state and even if the peer is no longer heard: its last known claim.
+    pub peer_last: Option<&'a ModuleSnapshot>,
     pub peer_incarnation: Option<u64>,
     /// Heartbeats arrive from the peer (its module may still be stopped).
     pub peer_alive: bool,

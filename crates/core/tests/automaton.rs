@@ -1683,3 +1683,84 @@ fn after_a_split_brain_a_node_does_not_start_alone_over_a_peer_that_served_later
         "{waiting}"
     );
 }
+
+#[test]
+fn a_secondary_that_never_saw_its_primary_in_prim_does_not_take_over_and_gives_its_data_up() {
+    // node2 finishes its synchronisation while node1 is ALONE, but node1 never hears it (one-way
+    // partition) and stays ALONE, acknowledging writes alone that replication may not carry to
+    // node2. When node1 is lost, node2 must not fail over on a copy it cannot trust, and its
+    // claim must no longer say `shared` (which would prefer it later to node1's writes).
+    let mut world = world();
+    world.command(0, Command::Prim);
+    run(&mut world, secs(5));
+    assert_eq!(state(&world, 0), (State::Alone, true));
+    world.sync_rule(1, ScriptRule::Hold);
+    world.command(1, Command::Start);
+    run(&mut world, secs(5));
+    world.partition(Some(1));
+    assert!(world.finish_step(1, Outcome::Ok));
+    run(&mut world, secs(4));
+    assert_eq!(state(&world, 0), (State::Alone, true));
+    assert_eq!(state(&world, 1), (State::Second, true));
+    world.take_transcript();
+    world.crash(0);
+    run(&mut world, secs(5));
+    expect(
+        &mut world,
+        r#"
+        -- crash node1
+        node2 warn: peer node1 lost: no heartbeat on any network for 2s
+        node2 state SECOND transient
+        node2 persist stale epoch 0
+        node2 script stop_second SECOND WAIT auto
+        node2 script transition SECOND WAIT auto
+        node2 state WAIT ready
+        node2 transition SECOND -> WAIT: the peer is lost before this node was up to date
+        node2 info: waiting: node1 is absent and this node's data may not be up to date (claim stale): waiting for it; run `tandem prim` here to force this node primary
+        "#,
+    );
+    assert_eq!(world.module(1).unwrap().claim, Claim::Stale);
+}
+
+#[test]
+fn an_exclusive_node_does_not_start_alone_over_a_peer_last_seen_exclusive() {
+    // node1 serves ALONE (node2 stopped). A partition; an operator forces node2 primary on the
+    // other side: a split brain, node2 in a newer generation. node2 is stopped; node1 goes on
+    // serving in its older generation, then is stopped too. node2 restarts: its generation is
+    // newer, but node1 (stopped, claim exclusive) served after it and holds writes it lacks.
+    let mut world = pair();
+    world.command(1, Command::Stop);
+    run(&mut world, secs(5));
+    assert_eq!(state(&world, 0), (State::Alone, true));
+    world.partition(None);
+    run(&mut world, secs(3));
+    world.command(1, Command::Prim);
+    run(&mut world, secs(5));
+    assert_eq!(state(&world, 1), (State::Alone, true));
+    world.command(1, Command::Stop);
+    run(&mut world, secs(5));
+    world.heal();
+    run(&mut world, secs(2));
+    world.command(0, Command::Stop);
+    run(&mut world, secs(5));
+    assert_eq!(state(&world, 0).0, State::Stop);
+    world.take_transcript();
+    world.command(1, Command::Start);
+    run(&mut world, secs(5));
+    expect(
+        &mut world,
+        r#"
+        node2 command start: ok: starting
+        node2 state WAIT transient
+        node2 script transition STOP WAIT start
+        node2 script prestart STOP WAIT start
+        node2 state WAIT ready
+        node2 transition STOP -> WAIT: start
+        node2 info: waiting: looking for node1
+        node2 info: waiting: node1 served alone too (claim exclusive when last seen): both nodes may hold writes the other lacks; run `tandem prim` on the node whose data to keep
+        "#,
+    );
+    let node2 = world.module(1).unwrap();
+    assert_eq!(node2.state, State::Wait, "node2 must not serve");
+    assert!(!node2.primary_role);
+}

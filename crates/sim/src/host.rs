@@ -105,6 +105,9 @@ pub struct RunningStep {
     pub key: Option<EventKey>,
     /// Show its completion in the transcript.
     pub shown: bool,
+    /// Its outcome was decided by a test (a rule, `World::finish_step`): the adapter does not
+    /// make it honest (see `World` on data synchronisations).
+    pub exact: bool,
 }
 
 /// How an adapter will end a step it just started.
@@ -116,6 +119,8 @@ pub struct Planned {
     pub outcome: Outcome,
     /// Its completion goes in the transcript: it takes time, does not end `Ok`, or is held.
     pub shown: bool,
+    /// Decided by a test rule.
+    pub exact: bool,
 }
 
 impl Planned {
@@ -125,6 +130,7 @@ impl Planned {
             at: Some(now.plus(after)),
             outcome,
             shown,
+            exact: false,
         }
     }
 
@@ -133,6 +139,7 @@ impl Planned {
             at: None,
             outcome: Outcome::Ok,
             shown: true,
+            exact: true,
         }
     }
 }
@@ -173,8 +180,9 @@ pub struct Host {
     pub link_up: bool,
     /// Frozen (`SIGSTOP`) until then.
     pub frozen_until: Option<Time>,
-    /// Inputs that arrived while frozen, with the sending time of heartbeats.
-    pub backlog: VecDeque<(Input, Option<Time>)>,
+    /// Inputs that arrived while frozen, with the sending time of heartbeats and what the sender
+    /// of a snapshot knew of acknowledged writes.
+    pub backlog: VecDeque<(Input, Option<Time>, Option<[u64; 2]>)>,
     /// Steps in progress in the adapters.
     pub running: BTreeMap<StepId, RunningStep>,
     /// The VIP adapter works on one request at a time: free from then on.
@@ -339,7 +347,10 @@ impl Host {
         match self.sync_rules.pop_front() {
             Some(ScriptRule::Hold) => return Planned::held(),
             Some(ScriptRule::Take { after, outcome }) => {
-                return Planned::after(now, after, outcome);
+                return Planned {
+                    exact: true,
+                    ..Planned::after(now, after, outcome)
+                };
             }
             None => {}
         }

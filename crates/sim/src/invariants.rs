@@ -60,12 +60,30 @@
 //!   `max(start_timeout, stop_timeout + force_stop_timeout)` plus two VIP requests
 //!   (`WorldConfig::vip_grace`).
 //!   A handover (swap, stop, failover while connected) never overlaps.
+//!
+//! On the data (the ghost model of [`crate::data`], independent of the cores' claims):
+//!
+//! - **(e) no acknowledged write is lost.** When a node takes the primary role (as in (a)) and no
+//!   operator `prim` is pending on it (the bookkeeping of (a)), its data holds every acknowledged
+//!   write that its core can know of (acknowledged by itself, or by the peer before the peer sent
+//!   a snapshot this core then handled, possibly through earlier snapshots: the causal order),
+//!   except writes abandoned by an operator's forced promotion or by the resynchronisation of a
+//!   node that served during a split brain, and split-brain writes. Writes acknowledged
+//!   concurrently on the other side of a partition are exempt (no node can know of them without
+//!   a witness), and become split-brain writes when the promotion goes through (the two sides
+//!   now hold writes the other lacks); a forced promotion abandons the acknowledged writes the
+//!   forced node lacks. When the liveness phase reaches
+//!   PRIM/SECOND ready ([`World::check_converged_data`](crate::World::check_converged_data)),
+//!   the PRIM node holds every acknowledged write not abandoned, and the SECOND holds exactly
+//!   the same writes.
 
 use std::time::Duration;
 
 use tandem_core::{
     Claim, Command, DefaultPrimary, Effect, ModuleSnapshot, Outcome, Script, State, StepId, Time,
 };
+
+use crate::data::Data;
 
 /// A broken invariant.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -145,6 +163,13 @@ pub struct Handled<'a> {
     pub poll_before: Option<Time>,
     /// The peer's current claim (from its running core, or its records while it is down).
     pub peer_claim: Claim,
+}
+
+/// A node took the primary role in one `handle` call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Promotion {
+    /// An accepted operator `prim` was pending (see (a)).
+    pub forced: bool,
 }
 
 /// The step a node is running, as far as the checker knows.
@@ -353,27 +378,35 @@ impl Checker {
         })
     }
 
-    /// Checks one `Node::handle` call.
-    pub fn after_handle(&mut self, call: Handled<'_>) -> Result<(), Violation> {
+    /// Checks one `Node::handle` call; says whether the node took the primary role in it.
+    pub fn after_handle(&mut self, call: Handled<'_>) -> Result<Option<Promotion>, Violation> {
         let node = call.node & 1;
         let now = call.now;
         match call.poll_timeout {
-            None => return self.fail(node, now, "poll_timeout() is None".into()),
+            None => {
+                return self
+                    .fail(node, now, "poll_timeout() is None".into())
+                    .map(|()| None);
+            }
             Some(due) if due < now => {
-                return self.fail(node, now, format!("poll_timeout() {due:?} is before now"));
+                return self
+                    .fail(node, now, format!("poll_timeout() {due:?} is before now"))
+                    .map(|()| None);
             }
             Some(due)
                 if *call.input == InputSummary::Tick
                     && call.poll_before.is_some_and(|before| before <= now)
                     && due <= now =>
             {
-                return self.fail(
-                    node,
-                    now,
-                    "poll_timeout() does not move forward after a Tick at the due time: a \
-                     driver sleeping until poll_timeout() would spin"
-                        .into(),
-                );
+                return self
+                    .fail(
+                        node,
+                        now,
+                        "poll_timeout() does not move forward after a Tick at the due time: a \
+                         driver sleeping until poll_timeout() would spin"
+                            .into(),
+                    )
+                    .map(|()| None);
             }
             Some(_) => {}
         }
@@ -558,7 +591,11 @@ impl Checker {
         }
 
         // (a) Taking the primary role.
+        let mut promotion = None;
         if !call.before.primary_role && call.after.primary_role {
+            promotion = Some(Promotion {
+                forced: track.forced,
+            });
             if !role_persisted_now {
                 problems.push("took the primary role without persisting a new epoch".into());
             }
@@ -591,9 +628,9 @@ impl Checker {
         }
 
         if problems.is_empty() {
-            Ok(())
+            Ok(promotion)
         } else {
-            self.fail(node, now, problems.join("; "))
+            self.fail(node, now, problems.join("; ")).map(|()| None)
         }
     }
 
@@ -652,6 +689,100 @@ impl Checker {
             "asks for the VIP while connected to a peer that holds it".into(),
         )
     }
+}
+
+/// Lists writes for a message: `7 (node1 at 1.250s), ...`, the first few only.
+fn list_writes(missing: &[(u64, usize, Time)], names: &[String; 2]) -> String {
+    let mut text: Vec<String> = missing
+        .iter()
+        .take(5)
+        .map(|(id, writer, at)| {
+            format!(
+                "{id} (acknowledged by {} at {})",
+                names[writer & 1],
+                crate::trace::seconds(*at)
+            )
+        })
+        .collect();
+    if missing.len() > 5 {
+        text.push(format!("and {} more", missing.len() - 5));
+    }
+    text.join(", ")
+}
+
+/// (e) `node` took the primary role: unless forced, its data holds every acknowledged write its
+/// core can know of (see the module documentation); a forced promotion abandons the others.
+pub fn data_at_promotion(
+    data: &mut Data,
+    node: usize,
+    promotion: Promotion,
+    now: Time,
+    names: &[String; 2],
+) -> Result<(), Violation> {
+    let node = node & 1;
+    if promotion.forced {
+        data.forced(node);
+        return Ok(());
+    }
+    let missing = data.missing(node, Some(data.known[node]));
+    if missing.is_empty() {
+        // Writes this node lacks and could not know of were acknowledged concurrently with this
+        // promotion (partition): from now on the two branches conflict.
+        let concurrent: Vec<u64> = data
+            .missing(node, None)
+            .into_iter()
+            .map(|(id, _, _)| id)
+            .collect();
+        data.split.extend(concurrent);
+        return Ok(());
+    }
+    Err(Violation {
+        at: now,
+        message: format!(
+            "{}: took the primary role without a pending `prim` while its data lacks \
+             acknowledged writes it could know of: {}",
+            names[node],
+            list_writes(&missing, names)
+        ),
+    })
+}
+
+/// (e) At convergence: the PRIM node `primary` holds every acknowledged write not abandoned, and
+/// the SECOND holds the same writes.
+pub fn data_converged(
+    data: &Data,
+    primary: usize,
+    now: Time,
+    names: &[String; 2],
+) -> Result<(), Violation> {
+    let (primary, second) = (primary & 1, 1 - (primary & 1));
+    let missing = data.missing(primary, None);
+    if !missing.is_empty() {
+        return Err(Violation {
+            at: now,
+            message: format!(
+                "{} is PRIM ready but lacks acknowledged writes: {}",
+                names[primary],
+                list_writes(&missing, names)
+            ),
+        });
+    }
+    if data.held[primary] != data.held[second] {
+        let only_primary = data.held[primary].difference(&data.held[second]).count();
+        let only_second = data.held[second].difference(&data.held[primary]).count();
+        return Err(Violation {
+            at: now,
+            message: format!(
+                "{} is SECOND ready of {} but their data differ ({only_primary} writes only on \
+                 the primary, first {:?}; {only_second} only on the secondary, first {:?})",
+                names[second],
+                names[primary],
+                data.held[primary].difference(&data.held[second]).next(),
+                data.held[second].difference(&data.held[primary]).next(),
+            ),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

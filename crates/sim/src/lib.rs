@@ -25,11 +25,17 @@
 //!   the records of `Persist` effects stay) and restarts (a new core with a larger incarnation);
 //! - freezes (`SIGSTOP`): the node handles nothing for a while, then its backlog in order;
 //! - the VIP interface link going down and up;
-//! - operator commands, drawn at random ([`faults`]) or scripted by tests.
+//! - operator commands, drawn at random ([`faults`]) or scripted by tests;
+//! - the replicated data ([`data`]), independent of the cores' claims: numbered application writes
+//!   on the writable node every 50–300 ms, idealised synchronous replication to a secondary whose
+//!   synchronisation completed (blocked, not acknowledged, when the claim is `shared` and the
+//!   mirror is unreachable; acknowledged alone when it is `exclusive`), full copies by `SyncData`
+//!   (a random synchronisation whose source is not primary and reachable at its end fails), and
+//!   what each core can know of the acknowledged writes (causal order through snapshots).
 //!
-//! **Not simulated:** replication and the data itself (synchronisation is a step that takes time;
-//! "up to date" is checked on the core's persisted claims, not on data, so a core that sets a
-//! wrong claim is not caught by the invariants), a witness, several modules per node, a daemon
+//! **Not simulated:** the replication protocol itself (writes are instants, a resynchronisation is
+//! a copy at the instant it ends, recorded changes reach a mirror at once when the channel comes
+//! back), a witness, several modules per node, a daemon
 //! crash that leaves the application, the VIP or the writable mount behind (a crash is a power
 //! loss), clock drift (both nodes' clocks advance at the same rate), script output.
 //!
@@ -41,6 +47,7 @@
 #![warn(missing_docs)]
 
 pub mod clock;
+pub mod data;
 pub mod faults;
 pub mod host;
 pub mod invariants;

@@ -91,6 +91,8 @@ pub struct Packet {
     pub carrier: Carrier,
     /// The sender's snapshot (shared between the copies of one broadcast).
     pub snapshot: Rc<NodeSnapshot>,
+    /// What the sender knew of acknowledged writes when it sent it (`crate::data::Data::known`).
+    pub known: [u64; 2],
 }
 
 impl Packet {
@@ -200,8 +202,20 @@ impl Network {
         }
     }
 
-    /// Sends one snapshot from `from` on every heartbeat network and on the channel.
-    pub fn broadcast(&mut self, from: usize, now: Time, snapshot: NodeSnapshot) -> Sent {
+    /// The configuration of one direction of the peer channel.
+    pub fn channel(&self, from: usize) -> LinkConf {
+        self.channel[from & 1]
+    }
+
+    /// Sends one snapshot from `from` on every heartbeat network and on the channel; `known` is
+    /// the sender's knowledge of acknowledged writes, carried along for the data model.
+    pub fn broadcast(
+        &mut self,
+        from: usize,
+        now: Time,
+        snapshot: NodeSnapshot,
+        known: [u64; 2],
+    ) -> Sent {
         let snapshot = Rc::new(snapshot);
         let mut sent = Sent::default();
         let incarnation = snapshot.incarnation;
@@ -232,6 +246,7 @@ impl Network {
                             sent_at: now,
                             carrier: Carrier::Heartbeat { header },
                             snapshot: Rc::clone(&snapshot),
+                            known,
                         },
                     ));
                 }
@@ -253,6 +268,7 @@ impl Network {
                     sent_at: now,
                     carrier: Carrier::Channel,
                     snapshot,
+                    known,
                 },
             ));
         }
@@ -285,8 +301,8 @@ mod tests {
     #[test]
     fn replay_window_drops_duplicates_and_old_packets() {
         let mut network = Network::new(1, LinkConf::fixed(Duration::from_millis(1)), Rng::new(1));
-        let first = network.broadcast(0, Time(0), snapshot(1));
-        let second = network.broadcast(0, Time(10), snapshot(1));
+        let first = network.broadcast(0, Time(0), snapshot(1), [0; 2]);
+        let second = network.broadcast(0, Time(10), snapshot(1), [0; 2]);
         let heartbeat = |sent: &Sent| {
             sent.deliveries
                 .iter()
@@ -299,7 +315,7 @@ mod tests {
         assert!(network.accept(&second));
         assert!(!network.accept(&first), "an older packet is refused");
         assert!(!network.accept(&second), "a duplicate is refused");
-        let restarted = network.broadcast(0, Time(20), snapshot(2));
+        let restarted = network.broadcast(0, Time(20), snapshot(2), [0; 2]);
         let Some(restarted) = heartbeat(&restarted) else {
             panic!("lost")
         };
@@ -313,12 +329,12 @@ mod tests {
     fn down_links_lose_everything_and_channel_keeps_order() {
         let mut network = Network::new(2, LinkConf::good(), Rng::new(7));
         network.set_link(0, 1, LinkConf::down());
-        let sent = network.broadcast(0, Time(0), snapshot(1));
+        let sent = network.broadcast(0, Time(0), snapshot(1), [0; 2]);
         assert_eq!(sent.fates[1].first_delay, None);
         assert!(sent.fates[0].first_delay.is_some());
         let mut last = Time::ZERO;
         for step in 0..50 {
-            let sent = network.broadcast(1, Time(step * 1000), snapshot(1));
+            let sent = network.broadcast(1, Time(step * 1000), snapshot(1), [0; 2]);
             for (at, packet) in sent.deliveries {
                 if packet.carrier == Carrier::Channel {
                     assert!(at >= last);

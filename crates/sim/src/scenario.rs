@@ -249,6 +249,9 @@ pub fn liveness_phase(world: &mut World, limit: Duration) -> Result<Duration, St
                         ));
                     }
                 }
+                world
+                    .check_converged_data()
+                    .map_err(|violation| violation.to_string())?;
                 return Ok(since.since(started));
             }
         } else {

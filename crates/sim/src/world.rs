@@ -11,6 +11,7 @@ use tandem_core::{
 };
 
 use crate::clock::{EventKey, EventQueue};
+use crate::data::{Data, Link, WriteFate};
 use crate::host::{AdapterTiming, Host, Planned, RunningStep, ScriptRule, ScriptTiming, StepWhat};
 use crate::invariants::{self, Checker, CheckerConfig, InputSummary, Outside, Violation};
 use crate::network::{Carrier, LinkConf, Network, Packet};
@@ -189,6 +190,14 @@ pub struct Stats {
     pub vip_overlaps: u64,
     /// Operator commands refused by a core.
     pub refused: u64,
+    /// Application writes acknowledged by the writer alone (data model).
+    pub writes_local: u64,
+    /// Application writes acknowledged and mirrored on the secondary.
+    pub writes_mirrored: u64,
+    /// Application writes refused by a PRIM without a reachable mirror.
+    pub writes_blocked: u64,
+    /// Promotions checked against the data model without an operator `prim` (invariant (e)).
+    pub data_checks: u64,
 }
 
 impl Stats {
@@ -202,6 +211,10 @@ impl Stats {
         self.connected_with_writer += other.connected_with_writer;
         self.vip_overlaps += other.vip_overlaps;
         self.refused += other.refused;
+        self.writes_local += other.writes_local;
+        self.writes_mirrored += other.writes_mirrored;
+        self.writes_blocked += other.writes_blocked;
+        self.data_checks += other.data_checks;
     }
 
     /// Finished transitions from `from` to `to`.
@@ -227,6 +240,8 @@ enum Event {
     },
     /// A frozen node resumes.
     Unfreeze(usize),
+    /// Application writes on the writable nodes (data model).
+    Write,
 }
 
 /// Two nodes, a network, a clock.
@@ -238,6 +253,7 @@ pub struct World {
     queue: EventQueue<Event>,
     network: Network,
     checker: Checker,
+    data: Data,
     trace: Trace,
     rng: Rng,
     next_request: u64,
@@ -264,13 +280,17 @@ impl World {
             vip_grace: config.vip_grace(),
         });
         let trace = Trace::new(config.trace);
+        let mut data = Data::new(config.seed);
+        let mut queue = EventQueue::new();
+        queue.schedule(Time::ZERO.plus(data.next_gap()), Event::Write);
         let mut world = World {
             config,
             now: Time::ZERO,
             hosts,
-            queue: EventQueue::new(),
+            queue,
             network,
             checker,
+            data,
             trace,
             rng,
             next_request: 1,
@@ -318,6 +338,27 @@ impl World {
     /// Whether the nodes are connected in the sense of the invariants.
     pub fn connected(&self) -> bool {
         self.checker.connected()
+    }
+
+    /// The data model (see [`crate::data`]).
+    pub fn data(&self) -> &Data {
+        &self.data
+    }
+
+    /// Checks the data of a converged pair (invariant (e) of [`crate::invariants`]): the node in
+    /// PRIM holds every acknowledged write not abandoned, and the node in SECOND holds the same
+    /// data.
+    pub fn check_converged_data(&mut self) -> Result<(), Violation> {
+        let state = |node: usize| self.module(node).map(|module| module.state);
+        let primary = (0..2).find(|&node| state(node) == Some(tandem_core::State::Prim));
+        if let Some(primary) = primary
+            && state(1 - primary) == Some(tandem_core::State::Second)
+            && let Err(violation) =
+                invariants::data_converged(&self.data, primary, self.now, &self.config.names)
+        {
+            self.fail(violation);
+        }
+        self.result()
     }
 
     /// The first broken invariant, if any.
@@ -417,7 +458,7 @@ impl World {
             Op::DuplicateInFlight(index) => self.duplicate_in_flight(index),
             Op::DeliverNow(index) => self.deliver_now(index),
             Op::FinishStep { node, outcome } => {
-                self.finish_step(node, outcome);
+                self.end_oldest_step(node, outcome, false);
             }
             Op::ScriptFaults {
                 node,
@@ -475,7 +516,7 @@ impl World {
                     self.dispatch(event);
                 }
             } else if let Some((_, node)) = next_tick {
-                self.input(node, Input::Tick, None);
+                self.input(node, Input::Tick, None, None);
             }
         }
         if self.violation.is_none() {
@@ -512,6 +553,7 @@ impl World {
                 request,
             },
             None,
+            None,
         );
     }
 
@@ -522,6 +564,7 @@ impl World {
             return;
         }
         self.hosts[node].crash();
+        self.data.crashed(node);
         self.checker.node_crashed(node, self.now);
         self.op_line(format!("crash {}", self.hosts[node].name));
         self.check_pair();
@@ -566,8 +609,8 @@ impl World {
             "{name} resumes with {} inputs waiting",
             backlog.len()
         ));
-        for (input, sent_at) in backlog {
-            self.input(node, input, sent_at);
+        for (input, sent_at, known) in backlog {
+            self.input(node, input, sent_at, known);
         }
     }
 
@@ -589,6 +632,7 @@ impl World {
                 module: ModuleId(0),
                 up,
             },
+            None,
             None,
         );
     }
@@ -626,19 +670,26 @@ impl World {
                 });
         match step {
             Some(step) => {
-                self.end_step_now(node, step, outcome);
+                self.end_step_now(node, step, outcome, true);
                 true
             }
             None => false,
         }
     }
 
-    /// Ends the oldest step in progress on `node` now; false if none runs.
+    /// Ends the oldest step in progress on `node` now with exactly this outcome; false if none
+    /// runs.
     pub fn finish_step(&mut self, node: usize, outcome: Outcome) -> bool {
+        self.end_oldest_step(node, outcome, true)
+    }
+
+    /// Ends the oldest step in progress on `node` now; `exact: false` (a random fault) lets a
+    /// data synchronisation that could not have copied anything fail (see `dispatch`).
+    fn end_oldest_step(&mut self, node: usize, outcome: Outcome, exact: bool) -> bool {
         let node = node & 1;
         match self.hosts[node].running.keys().next().copied() {
             Some(step) => {
-                self.end_step_now(node, step, outcome);
+                self.end_step_now(node, step, outcome, exact);
                 true
             }
             None => false,
@@ -702,6 +753,7 @@ impl World {
                     up: false,
                 },
                 None,
+                None,
             );
         }
     }
@@ -729,7 +781,7 @@ impl World {
                 node,
                 incarnation,
                 step,
-                outcome,
+                mut outcome,
             } => {
                 let host = &mut self.hosts[node];
                 if host.incarnation != incarnation || !host.up() {
@@ -741,6 +793,21 @@ impl World {
                 if running.what == StepWhat::ReleaseVips {
                     host.vip = false;
                 }
+                if running.what == StepWhat::SyncData && outcome == Outcome::Ok {
+                    // The data comes from the peer, which must hold the primary role, over the
+                    // channel towards this node. A real adapter cannot succeed otherwise: unless a
+                    // test decided the outcome, the synchronisation fails.
+                    let source = self.hosts[1 - node]
+                        .module()
+                        .filter(|peer| peer.primary_role && self.network.channel(1 - node).up)
+                        .map(|peer| peer.epoch);
+                    if source.is_none() && !running.exact {
+                        outcome = Outcome::Failed("the primary is unreachable".into());
+                    } else {
+                        self.data.synchronised(node, source);
+                    }
+                }
+                let host = &mut self.hosts[node];
                 let name = host.name.clone();
                 let what = match &running.what {
                     StepWhat::Script(call) => format!(
@@ -765,10 +832,12 @@ impl World {
                         outcome,
                     },
                     None,
+                    None,
                 );
                 self.check_pair();
             }
             Event::Unfreeze(node) => self.thaw(node),
+            Event::Write => self.write_round(),
         }
     }
 
@@ -797,23 +866,30 @@ impl World {
                     network: usize::from(header.network),
                     snapshot,
                 };
-                self.input(to, input, Some(packet.sent_at));
+                self.input(to, input, Some(packet.sent_at), Some(packet.known));
             }
-            Carrier::Channel => self.input(to, Input::ChannelSnapshot(snapshot), None),
+            Carrier::Channel => self.input(
+                to,
+                Input::ChannelSnapshot(snapshot),
+                None,
+                Some(packet.known),
+            ),
         }
     }
 
-    /// Hands an input to a node (or to its backlog while frozen).
-    fn input(&mut self, node: usize, input: Input, sent_at: Option<Time>) {
+    /// Hands an input to a node (or to its backlog while frozen); a snapshot comes with what its
+    /// sender knew of acknowledged writes.
+    fn input(&mut self, node: usize, input: Input, sent_at: Option<Time>, known: Option<[u64; 2]>) {
         if self.violation.is_some() {
             return;
         }
+        self.replicate();
         let host = &mut self.hosts[node];
         if !host.up() {
             return;
         }
         if host.frozen() {
-            host.backlog.push_back((input, sent_at));
+            host.backlog.push_back((input, sent_at, known));
             return;
         }
         let summary = InputSummary::of(&input);
@@ -832,6 +908,9 @@ impl World {
         };
         if let Some(sent_at) = sent_at {
             self.checker.heartbeat_processed(node, sent_at, now);
+        }
+        if let Some(known) = known {
+            self.data.learn(node, known);
         }
         let peer = &self.hosts[1 - node];
         let peer_claim = match peer.module() {
@@ -853,10 +932,92 @@ impl World {
             poll_before: handled.poll_before,
             peer_claim,
         });
-        if let Err(violation) = check {
-            self.fail(violation);
+        match check {
+            Err(violation) => self.fail(violation),
+            Ok(Some(promotion)) => {
+                if !promotion.forced {
+                    self.stats.data_checks += 1;
+                }
+                let check = invariants::data_at_promotion(
+                    &mut self.data,
+                    node,
+                    promotion,
+                    now,
+                    &self.config.names,
+                );
+                if let Err(violation) = check {
+                    self.fail(violation);
+                }
+            }
+            Ok(None) => {}
         }
         self.check_pair();
+    }
+
+    /// The replication link from `node` to its peer now (see [`crate::data`]).
+    fn link_from(&self, node: usize) -> Link {
+        let peer = 1 - (node & 1);
+        let tenure = self.module(node).filter(|module| module.primary_role);
+        let mirror = tenure.is_some_and(|module| self.data.mirror[peer] == Some(module.epoch))
+            && self
+                .module(peer)
+                .is_some_and(|module| module.state == tandem_core::State::Second);
+        if !mirror {
+            Link::NoMirror
+        } else if self.network.channel(node).up {
+            Link::Up
+        } else {
+            Link::Down
+        }
+    }
+
+    /// Recorded changes reach a mirror whose channel is up; a secondary that is no mirror any
+    /// more drops them.
+    fn replicate(&mut self) {
+        for node in 0..2 {
+            if !self.data.pending[1 - node].is_empty() {
+                let link = self.link_from(node);
+                self.data.link(node, link);
+            }
+        }
+    }
+
+    /// One round of application writes: one write on every node that is up, writable and holds
+    /// the primary role (see [`crate::data`]).
+    fn write_round(&mut self) {
+        self.replicate();
+        for node in 0..2 {
+            let host = &self.hosts[node];
+            let Some(module) = host.module() else {
+                continue;
+            };
+            if !host.writable || !module.primary_role {
+                continue;
+            }
+            let link = self.link_from(node);
+            // The claim says how writes are acknowledged: `shared` (PRIM, and the end of ALONE ->
+            // PRIM) promises the secondary holds every write; `exclusive` (ALONE, and the end of
+            // PRIM -> ALONE, persisted before the first write acknowledged alone) does not.
+            let prim = module.claim == Claim::Shared;
+            let split = self
+                .module(1 - node)
+                .is_some_and(|module| module.primary_role);
+            let fate = self.data.write(node, self.now, prim, link, split);
+            match fate {
+                WriteFate::Local | WriteFate::Recorded => self.stats.writes_local += 1,
+                WriteFate::Mirrored => self.stats.writes_mirrored += 1,
+                WriteFate::Blocked => self.stats.writes_blocked += 1,
+            }
+            if self.trace.wants(Kind::Net) {
+                let text = format!(
+                    "{} write {}: {fate:?}",
+                    self.hosts[node].name, self.data.writes
+                );
+                self.record(Kind::Net, text, false);
+            }
+        }
+        let at = self.now.plus(self.data.next_gap());
+        self.queue.schedule(at, Event::Write);
     }
 
     fn check_pair(&mut self) {
@@ -892,7 +1053,8 @@ impl World {
             }
             match effect {
                 Effect::Broadcast(snapshot) => {
-                    let sent = self.network.broadcast(node, now, snapshot.clone());
+                    let known = self.data.known[node];
+                    let sent = self.network.broadcast(node, now, snapshot.clone(), known);
                     for fate in sent.fates {
                         self.checker
                             .heartbeat_sent(node, fate.network, now, fate.first_delay);
@@ -921,7 +1083,12 @@ impl World {
                         .map(|(step, _)| *step)
                         .collect();
                     for step in scripts {
-                        self.end_step_now(node, step, Outcome::Failed("killed (forcestop)".into()));
+                        self.end_step_now(
+                            node,
+                            step,
+                            Outcome::Failed("killed (forcestop)".into()),
+                            false,
+                        );
                     }
                 }
                 Effect::AcquireVips { module, step } => {
@@ -952,6 +1119,9 @@ impl World {
                         }
                         *slot = record.clone();
                     }
+                    if record.claim == Claim::Stale {
+                        self.data.gave_up(node);
+                    }
                 }
                 Effect::Log { message, .. } => {
                     if let Some(transition) = message.strip_prefix("transition ")
@@ -960,6 +1130,7 @@ impl World {
                         *self.stats.transitions.entry(states.to_owned()).or_default() += 1;
                     } else if message.starts_with("split brain:") {
                         self.stats.split_brains += 1;
+                        self.data.split_brain();
                     }
                 }
                 Effect::Reply { request, result } => {
@@ -1008,11 +1179,13 @@ impl World {
                 what,
                 key,
                 shown: planned.shown,
+                exact: planned.exact,
             },
         );
     }
 
-    fn end_step_now(&mut self, node: usize, step: StepId, outcome: Outcome) {
+    /// Ends a step now with `outcome`; `exact`: a test decided it (kept as is).
+    fn end_step_now(&mut self, node: usize, step: StepId, outcome: Outcome, exact: bool) {
         let incarnation = self.hosts[node].incarnation;
         let Some(running) = self.hosts[node].running.get_mut(&step) else {
             return;
@@ -1021,6 +1194,7 @@ impl World {
             self.queue.cancel(key);
         }
         running.shown = true;
+        running.exact = exact;
         let key = self.queue.schedule(
             self.now,
             Event::Done {
