@@ -215,6 +215,14 @@ pub struct Persisted {
     pub generation: u64,
     /// This node was primary when it last left the role or stopped.
     pub last_primary: bool,
+    /// Highest promotion epoch seen from the peer (kept across restarts: safety knowledge).
+    pub peer_epoch: u64,
+    /// Highest data generation seen from the peer.
+    pub peer_generation: u64,
+    /// The peer was last seen with the claim `exclusive` (it served alone).
+    pub peer_exclusive: bool,
+    /// The module waits for the operator after a split brain.
+    pub held: bool,
 }
 
 impl Default for Persisted {
@@ -224,6 +232,10 @@ impl Default for Persisted {
             epoch: 0,
             generation: 0,
             last_primary: false,
+            peer_epoch: 0,
+            peer_generation: 0,
+            peer_exclusive: false,
+            held: false,
         }
     }
 }

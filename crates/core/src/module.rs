@@ -158,6 +158,7 @@ pub(crate) struct Module {
 
 impl Module {
     pub(crate) fn new(id: ModuleId, settings: ModuleSettings, record: Persisted) -> Module {
+        let held = record.held;
         Module {
             id,
             settings,
@@ -174,7 +175,11 @@ impl Module {
             swap_counter: 0,
             peer_swap_seen: None,
             local_swap: false,
-            hold: None,
+            hold: held.then(|| {
+                "split brain before this daemon restarted: waiting for the operator (`tandem \
+                 second` to resynchronise from the peer, `tandem prim` to keep this node's data)"
+                    .to_owned()
+            }),
             wait_reason: None,
             started_at: None,
             link_up: true,
@@ -527,7 +532,8 @@ impl Module {
                     && peer_silent
                     && context
                         .peer_last
-                        .is_some_and(|peer| peer.claim == Claim::Exclusive)
+                        .map(|peer| peer.claim == Claim::Exclusive)
+                        .unwrap_or(self.record.peer_exclusive)
                 {
                     // The peer (stopped, or absent now) was last seen with the claim `exclusive`:
                     // it served alone too and has not resynchronised from this node since, so it

@@ -54,7 +54,7 @@ impl Node {
         incarnation: u64,
         now: Time,
     ) -> Node {
-        let modules = settings
+        let modules: Vec<Module> = settings
             .modules
             .iter()
             .enumerate()
@@ -64,7 +64,6 @@ impl Node {
             })
             .collect();
         let networks = settings.networks.max(1);
-        let n_modules = settings.modules.len();
         Node {
             settings,
             incarnation,
@@ -72,8 +71,14 @@ impl Node {
             now,
             peer: PeerView {
                 last_heard: vec![None; networks],
-                max_epoch: vec![0; n_modules],
-                max_generation: vec![0; n_modules],
+                max_epoch: modules
+                    .iter()
+                    .map(|module: &Module| module.record.peer_epoch)
+                    .collect(),
+                max_generation: modules
+                    .iter()
+                    .map(|module: &Module| module.record.peer_generation)
+                    .collect(),
                 ..PeerView::default()
             },
             modules,
@@ -671,6 +676,33 @@ impl Node {
         });
         let progressed_step =
             module.advance(&mut self.next_step, now, facts, &mut effects, &mut logs);
+        // What this node learned about the peer, and a split-brain hold, survive a restart.
+        let peer_exclusive = peer_last
+            .as_ref()
+            .map(|peer| peer.claim == Claim::Exclusive)
+            .unwrap_or(module.record.peer_exclusive);
+        let knowledge = (
+            peer_max_epoch,
+            peer_max_generation,
+            peer_exclusive,
+            module.hold.is_some(),
+        );
+        let recorded = (
+            module.record.peer_epoch,
+            module.record.peer_generation,
+            module.record.peer_exclusive,
+            module.record.held,
+        );
+        if knowledge != recorded {
+            module.record.peer_epoch = peer_max_epoch;
+            module.record.peer_generation = peer_max_generation;
+            module.record.peer_exclusive = peer_exclusive;
+            module.record.held = module.hold.is_some();
+            effects.push(Effect::Persist {
+                module: id,
+                record: module.record.clone(),
+            });
+        }
         let changed = module.fingerprint() != before;
         self.out.extend(effects);
         for (level, message) in logs {

@@ -146,6 +146,7 @@ fn first_start_both_fresh_wait_then_prim_on_one() {
         node2 persist stale epoch 0
         node2 state WAIT transient
         node2 script transition WAIT SECOND start
+        node2 persist stale epoch 0
         node2 state SECOND transient
         node2 script start_second WAIT SECOND start
         node2 sync
@@ -157,6 +158,7 @@ fn first_start_both_fresh_wait_then_prim_on_one() {
         node1 script transition ALONE PRIM auto
         node1 state PRIM ready
         node1 transition ALONE -> PRIM: the secondary is up to date
+        node2 persist shared epoch 0
         "#,
     );
 }
@@ -186,6 +188,7 @@ fn alone_becomes_prim_when_the_secondary_is_ready() {
         node1 script start_prim WAIT ALONE start
         node1 state ALONE ready
         node1 transition WAIT -> ALONE: forced primary (`tandem prim`)
+        node2 persist fresh epoch 0
         "#,
     );
     world.command(1, Command::Start);
@@ -213,6 +216,7 @@ fn alone_becomes_prim_when_the_secondary_is_ready() {
         node1 script transition ALONE PRIM auto
         node1 state PRIM ready
         node1 transition ALONE -> PRIM: the secondary is up to date
+        node2 persist shared epoch 0
         "#,
     );
 }
@@ -303,6 +307,7 @@ fn prim_becomes_alone_when_the_secondary_stops() {
         node1 script transition PRIM ALONE auto
         node1 state ALONE ready
         node1 transition PRIM -> ALONE: the secondary is gone
+        node2 persist stale epoch 0
         "#,
     );
 }
@@ -434,6 +439,7 @@ fn graceful_stop_of_the_primary_hands_over_after_its_stop_prim() {
         node2 script start_prim SECOND ALONE auto
         node2 state ALONE ready
         node2 transition SECOND -> ALONE: the peer left the primary role
+        node1 persist shared epoch 1 last_primary
         node1 poststop done: ok
         node1 script transition WAIT STOP stop
         node1 state STOP ready
@@ -464,6 +470,7 @@ fn stop_of_the_secondary() {
         node1 script transition PRIM ALONE auto
         node1 state ALONE ready
         node1 transition PRIM -> ALONE: the secondary is gone
+        node2 persist stale epoch 0
         "#,
     );
 }
@@ -550,6 +557,7 @@ fn swap_from_the_primary() {
         node2 transition SECOND -> ALONE: roles swapped: the peer handed over
         node1 state SECOND transient
         node1 script start_second PRIM SECOND swap
+        node1 persist shared epoch 1
         node1 sync
         node1 persist shared epoch 1
         node1 state SECOND ready
@@ -559,6 +567,7 @@ fn swap_from_the_primary() {
         node2 script transition ALONE PRIM auto
         node2 state PRIM ready
         node2 transition ALONE -> PRIM: the secondary is up to date
+        node1 persist shared epoch 1
         "#,
     );
 }
@@ -590,6 +599,7 @@ fn swap_from_the_secondary() {
         node2 transition SECOND -> ALONE: roles swapped: the peer handed over
         node1 state SECOND transient
         node1 script start_second PRIM SECOND swap
+        node1 persist shared epoch 1
         node1 sync
         node1 persist shared epoch 1
         node1 state SECOND ready
@@ -599,6 +609,7 @@ fn swap_from_the_secondary() {
         node2 script transition ALONE PRIM auto
         node2 state PRIM ready
         node2 transition ALONE -> PRIM: the secondary is up to date
+        node1 persist shared epoch 1
         "#,
     );
 }
@@ -644,6 +655,7 @@ fn stop_script_failure_and_timeout_call_it_again_with_force() {
         node1 script transition PRIM ALONE auto
         node1 state ALONE ready
         node1 transition PRIM -> ALONE: the secondary is gone
+        node2 persist stale epoch 0
         "#,
     );
     world.command(0, Command::Stop);
@@ -712,6 +724,7 @@ fn start_prim_failure_stops_the_module_and_the_peer_takes_over() {
         node2 state ALONE ready
         node2 transition SECOND -> ALONE: failover: the peer stopped the module
         node1 info: agreed that node2 takes the primary role
+        node1 persist shared epoch 1 last_primary
         "#,
     );
     assert_eq!(state(&world, 0), (State::Stop, true));
@@ -761,6 +774,7 @@ fn forcestop_aborts_running_scripts_and_forces_the_stops() {
         node2 state ALONE ready
         node2 transition SECOND -> ALONE: failover: the peer stopped the module
         node1 info: agreed that node2 takes the primary role
+        node1 persist shared epoch 1 last_primary
         "#,
     );
 }
@@ -861,6 +875,7 @@ fn default_primary_node_swaps_back_when_it_returns() {
         node1 persist stale epoch 1 last_primary
         node1 state WAIT transient
         node1 script transition WAIT SECOND start
+        node1 persist stale epoch 1 last_primary
         node1 state SECOND transient
         node1 script start_second WAIT SECOND start
         node1 sync
@@ -880,6 +895,7 @@ fn default_primary_node_swaps_back_when_it_returns() {
         node2 persist shared epoch 2 last_primary
         node2 persist shared epoch 2
         node2 script transition PRIM SECOND swap
+        node1 persist shared epoch 1
         node1 info: node2 left the primary role: asking to take over
         node1 persist exclusive epoch 3 last_primary
         node1 state SECOND transient
@@ -892,6 +908,7 @@ fn default_primary_node_swaps_back_when_it_returns() {
         node1 transition SECOND -> ALONE: the peer left the primary role
         node2 state SECOND transient
         node2 script start_second PRIM SECOND swap
+        node2 persist shared epoch 2
         node2 sync
         node2 persist shared epoch 2
         node2 state SECOND ready
@@ -901,6 +918,7 @@ fn default_primary_node_swaps_back_when_it_returns() {
         node1 script transition ALONE PRIM auto
         node1 state PRIM ready
         node1 transition ALONE -> PRIM: the secondary is up to date
+        node2 persist shared epoch 2
         "#,
     );
 }
@@ -954,6 +972,7 @@ fn default_primary_last_at_a_simultaneous_start() {
         node1 persist stale epoch 1
         node1 state WAIT transient
         node1 script transition WAIT SECOND start
+        node1 persist stale epoch 1
         node1 state SECOND transient
         node1 script start_second WAIT SECOND start
         node1 sync
@@ -965,6 +984,7 @@ fn default_primary_last_at_a_simultaneous_start() {
         node2 script transition ALONE PRIM auto
         node2 state PRIM ready
         node2 transition ALONE -> PRIM: the secondary is up to date
+        node1 persist shared epoch 1
         "#,
     );
     assert_eq!(state(&world, 1), (State::Prim, true));
@@ -1012,6 +1032,7 @@ fn split_brain_heal_one_steps_down_and_is_held_until_second() {
         node2 writable off
         node2 state ALONE transient
         node2 vip release
+        node2 persist exclusive epoch 2 last_primary
         node2 error: split brain: node1 is primary too (epoch 1 against 2); this node steps down and keeps its data apart: it waits for the operator (`tandem second` to resynchronise from node1, discarding this node's divergent writes)
         node2 script stop_prim ALONE WAIT auto
         node2 persist exclusive epoch 2 last_primary
@@ -1020,6 +1041,7 @@ fn split_brain_heal_one_steps_down_and_is_held_until_second() {
         node2 transition ALONE -> WAIT: split brain: stepping down
         node2 info: waiting: split brain with node1: waiting for the operator
         node1 info: peer node2 found
+        node1 persist exclusive epoch 1 last_primary
         "#,
     );
     world.command(1, Command::Second);
@@ -1031,17 +1053,20 @@ fn split_brain_heal_one_steps_down_and_is_held_until_second() {
         node2 persist stale epoch 2 last_primary
         node2 state WAIT transient
         node2 script transition WAIT SECOND start
+        node2 persist stale epoch 2 last_primary
         node2 state SECOND transient
         node2 script start_second WAIT SECOND start
         node2 sync
         node2 persist shared epoch 2
         node2 state SECOND ready
         node2 transition WAIT -> SECOND: the peer is primary
+        node1 persist exclusive epoch 1 last_primary
         node1 persist shared epoch 1 last_primary
         node1 state ALONE transient
         node1 script transition ALONE PRIM auto
         node1 state PRIM ready
         node1 transition ALONE -> PRIM: the secondary is up to date
+        node2 persist shared epoch 2
         "#,
     );
 }
@@ -1075,6 +1100,7 @@ fn link_down_on_the_primary_fences_and_the_secondary_takes_over() {
         node2 script stop_second SECOND ALONE auto
         node2 script transition SECOND ALONE auto
         node2 vip acquire
+        node1 persist shared epoch 1 last_primary
         node2 vip acquire done: ok
         node2 writable on
         node2 script start_prim SECOND ALONE auto
@@ -1139,14 +1165,17 @@ fn fenced_during_a_takeover_does_not_acquire_the_vip_nor_start_the_app() {
         -- heal the network
         node2 info: peer node1 found
         node2 writable off
+        node2 persist exclusive epoch 2 last_primary
         node2 error: split brain: node1 is primary too (epoch 1 against 2); this node steps down and keeps its data apart: it waits for the operator (`tandem second` to resynchronise from node1, discarding this node's divergent writes)
         node1 info: peer node2 found
+        node1 persist exclusive epoch 1 last_primary
         node2 transition done: ok
         node2 persist stale epoch 2 last_primary
         node2 script transition SECOND WAIT auto
         node2 state WAIT ready
         node2 transition SECOND -> WAIT: split brain: stepping down
         node2 info: waiting: split brain with node1: waiting for the operator
+        node1 persist exclusive epoch 1 last_primary
         "#,
     );
 }
@@ -1198,6 +1227,7 @@ fn simultaneous_start_and_prim_do_not_both_take_the_role() {
         node2 persist stale epoch 0
         node2 state WAIT transient
         node2 script transition WAIT SECOND start
+        node2 persist stale epoch 0
         node2 state SECOND transient
         node2 script start_second WAIT SECOND start
         node2 sync
@@ -1209,6 +1239,7 @@ fn simultaneous_start_and_prim_do_not_both_take_the_role() {
         node1 script transition ALONE PRIM auto
         node1 state PRIM ready
         node1 transition ALONE -> PRIM: the secondary is up to date
+        node2 persist shared epoch 0
         "#,
     );
 }
@@ -1266,6 +1297,7 @@ fn prim_during_the_start_scripts_wins_over_default_primary() {
         node2 persist stale epoch 0
         node2 state WAIT transient
         node2 script transition WAIT SECOND start
+        node2 persist stale epoch 0
         node2 state SECOND transient
         node2 script start_second WAIT SECOND start
         node2 sync
@@ -1285,6 +1317,7 @@ fn prim_during_the_start_scripts_wins_over_default_primary() {
         node1 persist shared epoch 1 last_primary
         node1 persist shared epoch 1
         node1 script transition PRIM SECOND swap
+        node2 persist shared epoch 0
         node2 persist exclusive epoch 2 last_primary
         node2 state SECOND transient
         node2 script stop_second SECOND ALONE swap
@@ -1296,6 +1329,7 @@ fn prim_during_the_start_scripts_wins_over_default_primary() {
         node2 transition SECOND -> ALONE: roles swapped: the peer handed over
         node1 state SECOND transient
         node1 script start_second PRIM SECOND swap
+        node1 persist shared epoch 1
         node1 sync
         node1 persist shared epoch 1
         node1 state SECOND ready
@@ -1305,6 +1339,7 @@ fn prim_during_the_start_scripts_wins_over_default_primary() {
         node2 script transition ALONE PRIM auto
         node2 state PRIM ready
         node2 transition ALONE -> PRIM: the secondary is up to date
+        node1 persist shared epoch 1
         "#,
     );
     assert_eq!(state(&world, 0), (State::Second, true));
@@ -1457,6 +1492,7 @@ fn a_paused_node_does_not_use_a_grant_revoked_meanwhile() {
         node1 persist stale epoch 0
         node1 state WAIT transient
         node1 script transition WAIT SECOND start
+        node1 persist stale epoch 0
         node1 state SECOND transient
         node1 script start_second WAIT SECOND start
         node1 sync
@@ -1477,6 +1513,7 @@ fn a_paused_node_does_not_use_a_grant_revoked_meanwhile() {
         node2 persist shared epoch 1 last_primary
         node2 persist shared epoch 1
         node2 script transition PRIM SECOND swap
+        node1 persist shared epoch 0
         node1 info: node2 left the primary role: asking to take over
         node1 persist exclusive epoch 2 last_primary
         node1 state SECOND transient
@@ -1489,6 +1526,7 @@ fn a_paused_node_does_not_use_a_grant_revoked_meanwhile() {
         node1 transition SECOND -> ALONE: the peer left the primary role
         node2 state SECOND transient
         node2 script start_second PRIM SECOND swap
+        node2 persist shared epoch 1
         node2 sync
         node2 persist shared epoch 1
         node2 state SECOND ready
@@ -1498,6 +1536,7 @@ fn a_paused_node_does_not_use_a_grant_revoked_meanwhile() {
         node1 script transition ALONE PRIM auto
         node1 state PRIM ready
         node1 transition ALONE -> PRIM: the secondary is up to date
+        node2 persist shared epoch 1
         "#,
     );
     assert_eq!(state(&world, 0), (State::Prim, true));
@@ -1649,6 +1688,7 @@ fn a_swap_abandoned_because_the_secondary_stops_ends_with_the_old_primary_alone(
         node1 script start_prim WAIT ALONE start
         node1 state ALONE ready
         node1 transition WAIT -> ALONE: the peer's module is stopped and holds no data this node lacks
+        node2 persist stale epoch 0
         "#,
     );
     assert_eq!(state(&world, 0), (State::Alone, true));

@@ -18,6 +18,14 @@ struct RecordFile {
     epoch: u64,
     #[serde(default)]
     generation: u64,
+    #[serde(default)]
+    peer_epoch: u64,
+    #[serde(default)]
+    peer_generation: u64,
+    #[serde(default)]
+    peer_exclusive: bool,
+    #[serde(default)]
+    held: bool,
     last_primary: bool,
 }
 
@@ -73,6 +81,10 @@ impl StateDir {
             epoch: file.epoch,
             generation: file.generation,
             last_primary: file.last_primary,
+            peer_epoch: file.peer_epoch,
+            peer_generation: file.peer_generation,
+            peer_exclusive: file.peer_exclusive,
+            held: file.held,
         })
     }
 
@@ -83,6 +95,10 @@ impl StateDir {
             epoch: record.epoch,
             generation: record.generation,
             last_primary: record.last_primary,
+            peer_epoch: record.peer_epoch,
+            peer_generation: record.peer_generation,
+            peer_exclusive: record.peer_exclusive,
+            held: record.held,
         };
         let text = serde_json::to_string_pretty(&file).context("cannot encode a state record")?;
         write_atomically(&self.record_path(module), text.as_bytes())
@@ -140,6 +156,10 @@ mod tests {
             claim: Claim::Exclusive,
             epoch: 7,
             generation: 9,
+            peer_epoch: 8,
+            peer_generation: 10,
+            peer_exclusive: true,
+            held: true,
             last_primary: true,
         };
         state.store("demo", &record).unwrap();
