@@ -280,6 +280,19 @@ impl Module {
         // A node that holds writes the peer lacks does not hand it the role.
         let holds_newer_data = self.record.claim == Claim::Exclusive
             && self.record.generation > peer.generation.max(peer.synced_generation);
+        if holds_newer_data && peer.want_primary && self.goal == Goal::ForceSecond {
+            // `tandem second` would hand the role to a peer lacking this node's writes: refused
+            // here (the grant) and given up, so that the rules choose again instead of both nodes
+            // waiting for each other.
+            self.goal = Goal::Run;
+            logs.push((
+                Level::Warn,
+                format!(
+                    "`tandem second` abandoned: this node holds writes {peer_name} lacks; stop \
+                     this node first to discard them"
+                ),
+            ));
+        }
         if self.grant_to.is_none()
             && peer.want_primary
             && !self.primary_role

@@ -200,6 +200,15 @@ impl Shared {
         }
     }
 
+    /// Drops `n` kernel references of a node; when its entry goes, tells the replicator
+    /// ([`Replicator::forget`]) before the backing descriptor is closed.
+    pub(crate) fn forget_node(&self, nodeid: u64, n: u64) {
+        if let Some(inode) = self.table.forget(nodeid, n) {
+            self.replicator.forget(inode.id);
+            drop(inode);
+        }
+    }
+
     // ---------------------------------------------------------------- identification helpers
 
     fn node_ref(&self, inode: &Inode) -> NodeRef {
@@ -645,7 +654,7 @@ impl Respond for ReplyEntry {
         self.error(e)
     }
     fn abandon(shared: &Shared, v: EntryOk) {
-        shared.table.forget(v.attr.ino.0, 1);
+        shared.forget_node(v.attr.ino.0, 1);
     }
 }
 
@@ -682,7 +691,7 @@ impl Respond for ReplyCreate {
     }
     fn abandon(shared: &Shared, v: CreateOk) {
         shared.release_handle(v.fh);
-        shared.table.forget(v.entry.attr.ino.0, 1);
+        shared.forget_node(v.entry.attr.ino.0, 1);
     }
 }
 
@@ -829,7 +838,7 @@ impl Filesystem for Fs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.0.table.forget(ino.0, nlookup);
+        self.0.forget_node(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -1069,9 +1078,17 @@ impl Filesystem for Fs {
                         s.note_exclusion(&inode);
                     }
                 }
+                // RENAME_WHITEOUT leaves a new inode at the source: its attributes (times).
+                let whiteout = if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+                    sys::stat_at(p.fd.as_fd(), name)
+                        .ok()
+                        .map(|st| sys::attr_of(&st))
+                } else {
+                    None
+                };
                 Ok(Applied {
                     value: (),
-                    attr: None,
+                    attr: whiteout,
                     written: None,
                 })
             },
@@ -1387,7 +1404,7 @@ impl Filesystem for Fs {
                 &attr,
                 Generation(inode.generation),
             ) {
-                s.table.forget(inode.nodeid, 1);
+                s.forget_node(inode.nodeid, 1);
                 break;
             }
         }

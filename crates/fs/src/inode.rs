@@ -187,10 +187,12 @@ impl InodeTable {
         inode
     }
 
-    /// The kernel dropped `n` references.
-    pub(crate) fn forget(&self, nodeid: u64, n: u64) {
+    /// The kernel dropped `n` references. Returns the inode when this removed its entry (the
+    /// caller tells the replicator before dropping it, so that its backing inode number cannot
+    /// be reused before the replicator heard of the forget).
+    pub(crate) fn forget(&self, nodeid: u64, n: u64) -> Option<Arc<Inode>> {
         if nodeid == ROOT {
-            return;
+            return None;
         }
         let mut t = lock(&self.inner);
         let gone = match t.by_node.get_mut(&nodeid) {
@@ -203,7 +205,9 @@ impl InodeTable {
         if gone && let Some(entry) = t.by_node.remove(&nodeid) {
             t.by_id.remove(&entry.inode.id);
             t.links.remove(&nodeid);
+            return Some(entry.inode);
         }
+        None
     }
 
     /// Sets the known name of a node (after a rename or link).

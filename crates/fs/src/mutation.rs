@@ -531,7 +531,8 @@ pub struct Outcome {
     /// if the peer applied the operation anyway, the two nodes now differ on that target.
     pub error: Option<i32>,
     /// Attributes after the apply: of the new inode for create/mknod/mkdir/symlink/link, of the
-    /// target for write/fallocate/setattr/xattr ops. `None` for unlink/rmdir/rename/fsync or on
+    /// target for write/fallocate/setattr/xattr ops, of the whiteout left at the source for a
+    /// rename with `RENAME_WHITEOUT`. `None` for unlink/rmdir/other renames/fsync or on
     /// error. Lets the replicator carry the primary's `mtime`/`ctime` to the peer.
     pub attr: Option<Attr>,
     /// For a write: the number of bytes written locally (less than the data on a short write,

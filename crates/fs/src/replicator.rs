@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::mutation::{Mutation, Outcome};
+use crate::mutation::{FileId, Mutation, Outcome};
 
 /// Why a replicator could not complete a mutation. The application's call fails; the local apply
 /// is *not* undone (see the crate documentation, "Failures").
@@ -109,6 +109,15 @@ pub trait Replicator: Send + Sync + 'static {
     /// locks released except for fsync). Default: ignored.
     fn applied(&self, seq: u64, outcome: &Outcome) {
         let _ = (seq, outcome);
+    }
+
+    /// The mount dropped its last reference to the backing inode `id` (the kernel forgot it):
+    /// no mutation submitted after this call names `id` for that inode, and the inode number may
+    /// be reused by a new file from now on. Lets the peer drop its handle of the file (its table
+    /// stays bounded). Called on a FUSE worker thread, without ordering locks; must not block.
+    /// Default: ignored.
+    fn forget(&self, id: FileId) {
+        let _ = id;
     }
 }
 
