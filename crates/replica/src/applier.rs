@@ -1,0 +1,662 @@
+//! The secondary's applier: applies decoded mutations to a backing directory.
+//!
+//! Every system call is relative to a descriptor: the root handle given by the caller (opened
+//! `O_PATH | O_DIRECTORY` before the secondary's mount hid the directory), or a handle of the
+//! table. Paths are resolved below the root with `openat2(RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS)` and names are single components, so nothing ever follows a symlink or
+//! leaves the directory, whatever the stream says.
+//!
+//! # Identification
+//!
+//! The table maps the primary's [`FileId`] of a file to a handle of the local file (an `O_PATH`
+//! descriptor, plus a lazily opened read-write descriptor for regular files). A mutation's target
+//! is looked up in the table first; on a miss it is resolved by its root-relative path and added.
+//! New inodes are added under the primary's identity when the primary's outcome arrives
+//! ([`Applier::apply_outcome`]: the identity is in its attributes). Before a name disappears
+//! (unlink, rmdir, rename over it), the inode behind it is added too, so a file unlinked while
+//! open stays reachable. [`Applier::forget`] drops an entry (the primary's `Forget`).
+//!
+//! # Results and divergence
+//!
+//! [`Applier::apply`] returns the local result (`Ok` or an errno); the caller acknowledges with
+//! it. The primary's local outcome arrives separately ([`Applier::apply_outcome`]): the applier
+//! then compares both results. A difference (the primary succeeded and this node failed, or the
+//! opposite, or a different errno, or a different number of bytes written) is a
+//! [`Divergence`]: the two nodes may now differ on the targets it names, which the caller marks
+//! dirty (to be resynchronised). With the outcome, the applier also sets the target's
+//! `atime`/`mtime` to the primary's, so that both replicas carry the same times.
+//!
+//! # Ordering and parallelism
+//!
+//! The applier is `Sync`: its table and pending results are behind locks, and every operation
+//! names its own descriptors. The caller decides the order; applying namespace operations in
+//! `seq` order and data operations of one file in `seq` order is enough. Data operations on
+//! different files may run in parallel on several threads (between two namespace operations).
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use rustix::fs::{AtFlags, FallocateFlags, Mode, OFlags, RenameFlags};
+use tandem_fs::{EntryRef, FileId, Mutation, NodeRef, Op, Outcome, Owner, SyncMode};
+
+use crate::sys::{self, XattrPath};
+
+/// Mutations kept waiting for the primary's outcome at most (the oldest are dropped beyond it:
+/// an outcome that never came, e.g. the primary died).
+const MAX_PENDING: usize = 1 << 16;
+
+/// The result of one mutation on the secondary differs from the primary's local outcome: both
+/// nodes may now differ on the files it names, which must be marked dirty (resynchronised).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "divergence at seq {seq} ({kind}): primary {primary:?}, secondary {secondary:?}{}",
+    detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default()
+)]
+pub struct Divergence {
+    /// The mutation.
+    pub seq: u64,
+    /// Its kind (`"write"`, `"rename"`...).
+    pub kind: &'static str,
+    /// The primary's errno (`None`: it succeeded).
+    pub primary: Option<i32>,
+    /// This node's errno (`None`: it succeeded).
+    pub secondary: Option<i32>,
+    /// The primary's identities of the files involved.
+    pub ids: Vec<FileId>,
+    /// The root-relative paths involved, when known.
+    pub paths: Vec<PathBuf>,
+    /// What else differs (bytes written, times not applied).
+    pub detail: Option<String>,
+}
+
+/// One file of the table.
+struct Node {
+    /// `O_PATH` descriptor of the local inode.
+    fd: OwnedFd,
+    /// `st_mode & S_IFMT`.
+    kind: u32,
+    /// Read-write descriptor of a regular file, opened at the first data operation.
+    file: Mutex<Option<Arc<OwnedFd>>>,
+    /// Highest `seq` whose primary times were copied to this inode.
+    times_seq: AtomicU64,
+}
+
+impl Node {
+    fn new(fd: OwnedFd) -> Result<Arc<Node>, i32> {
+        let st = sys::stat_fd(fd.as_fd())?;
+        Ok(Arc::new(Node {
+            fd,
+            kind: st.st_mode & libc::S_IFMT,
+            file: Mutex::new(None),
+            times_seq: AtomicU64::new(0),
+        }))
+    }
+
+    /// The read-write descriptor of a regular file.
+    fn file(&self) -> Result<Arc<OwnedFd>, i32> {
+        match self.kind {
+            libc::S_IFREG => {}
+            libc::S_IFDIR => return Err(libc::EISDIR),
+            _ => return Err(libc::EINVAL),
+        }
+        let mut file = lock(&self.file);
+        if let Some(f) = file.as_ref() {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(sys::reopen(self.fd.as_fd(), OFlags::RDWR)?);
+        *file = Some(f.clone());
+        Ok(f)
+    }
+}
+
+/// What the primary's outcome of a mutation is compared with.
+struct Pending {
+    kind: &'static str,
+    result: Result<(), i32>,
+    written: Option<u64>,
+    /// The inode whose times the outcome's attributes set.
+    target: Option<Arc<Node>>,
+    /// The target is a new inode: add it to the table under the outcome's identity.
+    created: bool,
+    ids: Vec<FileId>,
+    paths: Vec<PathBuf>,
+}
+
+/// Collected while applying one mutation.
+#[derive(Default)]
+struct Effects {
+    written: Option<u64>,
+    target: Option<Arc<Node>>,
+    created: bool,
+}
+
+/// Applies mutations to a backing directory. See the module documentation.
+pub struct Applier {
+    root: OwnedFd,
+    table: Mutex<HashMap<FileId, Arc<Node>>>,
+    pending: Mutex<BTreeMap<u64, Pending>>,
+}
+
+impl std::fmt::Debug for Applier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Applier")
+            .field("root", &self.root)
+            .field("table", &self.table_len())
+            .field("pending", &lock(&self.pending).len())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Applier {
+    /// An applier writing below `root`, a descriptor of the backing directory (`O_PATH |
+    /// O_DIRECTORY` is enough).
+    pub fn new(root: OwnedFd) -> Applier {
+        Applier {
+            root,
+            table: Mutex::new(HashMap::new()),
+            pending: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Opens `dir` (`O_PATH | O_DIRECTORY`) and returns an applier writing below it.
+    pub fn open(dir: &Path) -> std::io::Result<Applier> {
+        let root = rustix::fs::open(
+            dir,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Applier::new(root))
+    }
+
+    /// The root descriptor.
+    pub fn root(&self) -> BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+
+    /// Number of files in the table.
+    pub fn table_len(&self) -> usize {
+        lock(&self.table).len()
+    }
+
+    /// Number of mutations waiting for the primary's outcome.
+    pub fn pending_len(&self) -> usize {
+        lock(&self.pending).len()
+    }
+
+    /// Applies one mutation; returns `Ok` or this node's errno. Keeps what the primary's outcome
+    /// will be compared with ([`Applier::apply_outcome`]). Mutations with `replicate == false`
+    /// must not be given (they are not sent).
+    pub fn apply(&self, m: &Mutation<'_>) -> Result<(), i32> {
+        let mut fx = Effects::default();
+        let result = self.apply_op(&m.op, &mut fx);
+        let (ids, paths) = involved(&m.op);
+        let mut pending = lock(&self.pending);
+        pending.insert(
+            m.seq,
+            Pending {
+                kind: m.kind(),
+                result,
+                written: fx.written,
+                target: fx.target,
+                created: fx.created,
+                ids,
+                paths,
+            },
+        );
+        while pending.len() > MAX_PENDING {
+            pending.pop_first();
+        }
+        result
+    }
+
+    /// The primary's local outcome of mutation `seq` (after [`Applier::apply`] of it): compares
+    /// the results, adds a new inode to the table, copies the primary's `atime`/`mtime`.
+    /// Outcomes of mutations not applied here are ignored.
+    pub fn apply_outcome(&self, seq: u64, outcome: &Outcome) -> Result<(), Divergence> {
+        let Some(p) = lock(&self.pending).remove(&seq) else {
+            return Ok(());
+        };
+        let diverged = |detail: Option<String>| Divergence {
+            seq,
+            kind: p.kind,
+            primary: outcome.error,
+            secondary: p.result.err(),
+            ids: p.ids.clone(),
+            paths: p.paths.clone(),
+            detail,
+        };
+        if outcome.error != p.result.err() {
+            return Err(diverged(None));
+        }
+        if outcome.error.is_some() {
+            return Ok(());
+        }
+        if let (Some(primary), Some(local)) = (outcome.written, p.written)
+            && primary != local
+        {
+            return Err(diverged(Some(format!(
+                "{primary} bytes written on the primary, {local} here"
+            ))));
+        }
+        let (Some(attr), Some(node)) = (outcome.attr, p.target.as_ref()) else {
+            return Ok(());
+        };
+        if p.created {
+            lock(&self.table).insert(attr.id, node.clone());
+        }
+        if node.times_seq.fetch_max(seq, Ordering::AcqRel) < seq
+            && let Err(e) = sys::set_times(node.fd.as_fd(), Some(attr.atime), Some(attr.mtime))
+        {
+            return Err(diverged(Some(format!("times not copied: errno {e}"))));
+        }
+        Ok(())
+    }
+
+    /// The primary no longer names the inode `id`: drops its handle.
+    pub fn forget(&self, id: FileId) {
+        lock(&self.table).remove(&id);
+    }
+
+    // ------------------------------------------------------------------------ identification
+
+    /// The local file of a primary node: the table, else its path (then it is added).
+    fn node(&self, r: &NodeRef) -> Result<Arc<Node>, i32> {
+        if let Some(n) = lock(&self.table).get(&r.id) {
+            return Ok(n.clone());
+        }
+        let path = r.path.as_deref().ok_or(libc::ESTALE)?;
+        let node = Node::new(sys::open_path_beneath(self.root.as_fd(), path)?)?;
+        Ok(lock(&self.table).entry(r.id).or_insert(node).clone())
+    }
+
+    /// A directory node.
+    fn dir(&self, r: &NodeRef) -> Result<Arc<Node>, i32> {
+        let n = self.node(r)?;
+        if n.kind != libc::S_IFDIR {
+            return Err(libc::ENOTDIR);
+        }
+        Ok(n)
+    }
+
+    /// The parent directory and the (validated) name of an entry.
+    fn entry<'e>(&self, e: &'e EntryRef<'_>) -> Result<(Arc<Node>, &'e OsStr), i32> {
+        if !sys::valid_name(&e.name) {
+            return Err(libc::EINVAL);
+        }
+        Ok((self.dir(&e.parent)?, e.name.as_ref()))
+    }
+
+    /// Adds the inode at `name` in `dir` to the table under `id` (when not there yet), before the
+    /// name goes: it may be open on the primary and still be written.
+    fn keep(&self, dir: &Node, name: &OsStr, id: Option<FileId>) {
+        let Some(id) = id else { return };
+        if lock(&self.table).contains_key(&id) {
+            return;
+        }
+        if let Ok(node) = sys::open_path_at(dir.fd.as_fd(), name).and_then(Node::new) {
+            lock(&self.table).entry(id).or_insert(node);
+        }
+    }
+
+    // ------------------------------------------------------------------------ operations
+
+    fn apply_op(&self, op: &Op<'_>, fx: &mut Effects) -> Result<(), i32> {
+        match op {
+            Op::Write {
+                node,
+                offset,
+                data,
+                sync,
+                kill_suidgid,
+                ..
+            } => {
+                let n = self.node(node)?;
+                fx.target = Some(n.clone());
+                let f = n.file()?;
+                let (written, err) = sys::pwrite_all(f.as_fd(), data, *offset);
+                fx.written = Some(written as u64);
+                if written == 0
+                    && let Some(e) = err
+                {
+                    return Err(e);
+                }
+                if *kill_suidgid {
+                    let m = sys::stat_fd(f.as_fd())?.st_mode;
+                    let kill = libc::S_ISUID
+                        | if m & libc::S_IXGRP != 0 {
+                            libc::S_ISGID
+                        } else {
+                            0
+                        };
+                    if m & kill != 0 {
+                        sys::set_mode(f.as_fd(), m & !kill)?;
+                    }
+                }
+                match sync {
+                    SyncMode::None => {}
+                    SyncMode::Data => rustix::fs::fdatasync(&*f).map_err(sys::rerr)?,
+                    SyncMode::Full => rustix::fs::fsync(&*f).map_err(sys::rerr)?,
+                }
+                Ok(())
+            }
+            Op::Fallocate {
+                node,
+                mode,
+                offset,
+                len,
+                ..
+            } => {
+                let n = self.node(node)?;
+                fx.target = Some(n.clone());
+                let f = n.file()?;
+                rustix::fs::fallocate(
+                    &*f,
+                    FallocateFlags::from_bits_retain(*mode as _),
+                    *offset,
+                    *len,
+                )
+                .map_err(sys::rerr)
+            }
+            Op::SetAttr {
+                node,
+                mode,
+                uid,
+                gid,
+                size,
+                atime,
+                mtime,
+                ..
+            } => {
+                // The primary's order: size, owner, mode, times.
+                let n = self.node(node)?;
+                fx.target = Some(n.clone());
+                if let Some(size) = size {
+                    let f = match n.kind {
+                        libc::S_IFREG => n.file()?,
+                        _ => Arc::new(sys::reopen(n.fd.as_fd(), OFlags::WRONLY)?),
+                    };
+                    rustix::fs::ftruncate(&*f, *size).map_err(sys::rerr)?;
+                }
+                if uid.is_some() || gid.is_some() {
+                    sys::set_owner(n.fd.as_fd(), *uid, *gid)?;
+                }
+                if let Some(mode) = mode {
+                    if n.kind == libc::S_IFLNK {
+                        return Err(libc::EOPNOTSUPP);
+                    }
+                    sys::set_mode(n.fd.as_fd(), *mode)?;
+                }
+                if atime.is_some() || mtime.is_some() {
+                    sys::set_times(n.fd.as_fd(), *atime, *mtime)?;
+                }
+                Ok(())
+            }
+            Op::Create {
+                entry,
+                mode,
+                umask,
+                owner,
+                ..
+            } => {
+                let (dir, name) = self.entry(entry)?;
+                // O_EXCL as on the primary: the name was free there.
+                let flags = OFlags::RDWR
+                    | OFlags::CREATE
+                    | OFlags::EXCL
+                    | OFlags::NOFOLLOW
+                    | OFlags::CLOEXEC
+                    | OFlags::NOCTTY;
+                let (res, own_umask) = sys::with_umask(*umask, || {
+                    rustix::fs::openat(&dir.fd, name, flags, Mode::from_raw_mode(mode & 0o7777))
+                });
+                let file = res.map_err(sys::rerr)?;
+                if !own_umask {
+                    rustix::fs::fchmod(&file, Mode::from_raw_mode(mode & !umask & 0o7777))
+                        .map_err(sys::rerr)?;
+                }
+                give_owner(file.as_fd(), *owner)?;
+                let node = Node::new(sys::open_path_at(dir.fd.as_fd(), name)?)?;
+                *lock(&node.file) = Some(Arc::new(file));
+                fx.target = Some(node);
+                fx.created = true;
+                Ok(())
+            }
+            Op::Mknod {
+                entry,
+                mode,
+                umask,
+                rdev,
+                owner,
+            } => self.create_node(entry, *owner, fx, *umask, *mode, |dir, name| {
+                rustix::fs::mknodat(
+                    dir,
+                    name,
+                    rustix::fs::FileType::from_raw_mode(*mode),
+                    Mode::from_raw_mode(mode & 0o7777),
+                    sys::decode_dev(*rdev),
+                )
+            }),
+            Op::Mkdir {
+                entry,
+                mode,
+                umask,
+                owner,
+            } => self.create_node(entry, *owner, fx, *umask, *mode, |dir, name| {
+                rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(mode & 0o7777))
+            }),
+            Op::Symlink {
+                entry,
+                target,
+                owner,
+            } => {
+                if target.as_os_str().is_empty() {
+                    return Err(libc::ENOENT);
+                }
+                self.create_node(entry, *owner, fx, 0, libc::S_IFLNK | 0o777, |dir, name| {
+                    rustix::fs::symlinkat(target.as_ref(), dir, name)
+                })
+            }
+            Op::Link { node, new } => {
+                let n = self.node(node)?;
+                let (dir, name) = self.entry(new)?;
+                rustix::fs::linkat(&n.fd, c"", &dir.fd, name, AtFlags::EMPTY_PATH)
+                    .map_err(sys::rerr)?;
+                fx.target = Some(n);
+                Ok(())
+            }
+            Op::Unlink { entry, target } => {
+                let (dir, name) = self.entry(entry)?;
+                self.keep(&dir, name, *target);
+                rustix::fs::unlinkat(&dir.fd, name, AtFlags::empty()).map_err(sys::rerr)
+            }
+            Op::Rmdir { entry, target } => {
+                let (dir, name) = self.entry(entry)?;
+                self.keep(&dir, name, *target);
+                rustix::fs::unlinkat(&dir.fd, name, AtFlags::REMOVEDIR).map_err(sys::rerr)
+            }
+            Op::Rename {
+                from,
+                to,
+                flags,
+                moved,
+                replaced,
+            } => {
+                if from.excluded && !to.excluded {
+                    // A file enters the replicated tree from an excluded path: this node does not
+                    // have it, only a resynchronisation can bring it.
+                    return Err(libc::EXDEV);
+                }
+                let (fdir, fname) = self.entry(from)?;
+                let (tdir, tname) = self.entry(to)?;
+                self.keep(&fdir, fname, *moved);
+                self.keep(&tdir, tname, *replaced);
+                let flags = RenameFlags::from_bits_retain(*flags);
+                rustix::fs::renameat_with(&fdir.fd, fname, &tdir.fd, tname, flags)
+                    .map_err(sys::rerr)?;
+                if flags.contains(RenameFlags::WHITEOUT) {
+                    // The whiteout is a new inode: the outcome carries its times.
+                    fx.target = Some(Node::new(sys::open_path_at(fdir.fd.as_fd(), fname)?)?);
+                    fx.created = true;
+                }
+                Ok(())
+            }
+            Op::SetXattr {
+                node,
+                name,
+                value,
+                flags,
+            } => {
+                let n = self.node(node)?;
+                fx.target = Some(n.clone());
+                self.with_xattr_path(node, &n, |p| sys::xattr_set(p, name, value, *flags))
+            }
+            Op::RemoveXattr { node, name } => {
+                let n = self.node(node)?;
+                fx.target = Some(n.clone());
+                self.with_xattr_path(node, &n, |p| sys::xattr_remove(p, name))
+            }
+            Op::Fsync { node, datasync, .. } => {
+                let n = self.node(node)?;
+                match n.kind {
+                    libc::S_IFREG => {
+                        let f = n.file()?;
+                        if *datasync {
+                            rustix::fs::fdatasync(&*f).map_err(sys::rerr)
+                        } else {
+                            rustix::fs::fsync(&*f).map_err(sys::rerr)
+                        }
+                    }
+                    libc::S_IFDIR => {
+                        // A directory's entries and the files renamed or created in it may
+                        // have been applied in any directory: flush the filesystem.
+                        let d = sys::reopen(n.fd.as_fd(), OFlags::RDONLY | OFlags::DIRECTORY)?;
+                        rustix::fs::syncfs(&d).map_err(sys::rerr)
+                    }
+                    _ => Err(libc::EINVAL),
+                }
+            }
+        }
+    }
+
+    /// mknod, mkdir, symlink: as the primary's `create_node` (umask through the thread's own
+    /// umask so that default ACLs apply; created as root, then given the caller's owner).
+    fn create_node(
+        &self,
+        entry: &EntryRef<'_>,
+        owner: Owner,
+        fx: &mut Effects,
+        umask: u32,
+        mode: u32,
+        make: impl FnOnce(BorrowedFd<'_>, &OsStr) -> rustix::io::Result<()>,
+    ) -> Result<(), i32> {
+        let (dir, name) = self.entry(entry)?;
+        let symlink = mode & libc::S_IFMT == libc::S_IFLNK;
+        let (res, own_umask) = sys::with_umask(umask, || make(dir.fd.as_fd(), name));
+        res.map_err(sys::rerr)?;
+        let fd = sys::open_path_at(dir.fd.as_fd(), name)?;
+        if !own_umask && !symlink {
+            sys::set_mode(fd.as_fd(), mode & !umask)?;
+        }
+        give_owner(fd.as_fd(), owner)?;
+        fx.target = Some(Node::new(fd)?);
+        fx.created = true;
+        Ok(())
+    }
+
+    /// Runs an xattr call on the node: through `/proc/self/fd/N`, or for a symlink through its
+    /// parent directory and name (the `l*` calls), as the primary does.
+    fn with_xattr_path(
+        &self,
+        r: &NodeRef,
+        n: &Node,
+        f: impl FnOnce(&XattrPath) -> Result<(), i32>,
+    ) -> Result<(), i32> {
+        if n.kind != libc::S_IFLNK {
+            return f(&XattrPath::Follow(sys::proc_path(n.fd.as_fd())));
+        }
+        let path = r.path.as_deref().ok_or(libc::EOPNOTSUPP)?;
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(libc::EOPNOTSUPP);
+        };
+        let dir = sys::open_path_beneath(self.root.as_fd(), parent)?;
+        // The name must still be this symlink.
+        let st = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(sys::rerr)?;
+        let own = sys::stat_fd(n.fd.as_fd())?;
+        if (st.st_dev, st.st_ino) != (own.st_dev, own.st_ino) {
+            return Err(libc::EOPNOTSUPP);
+        }
+        let p = sys::proc_entry_path(dir.as_fd(), name)?;
+        f(&XattrPath::NoFollow(p))
+    }
+}
+
+/// Gives a node created here (as root) the caller's owner, keeping the set-ID bits `chown`
+/// clears (as the primary does).
+fn give_owner(fd: BorrowedFd<'_>, owner: Owner) -> Result<(), i32> {
+    let st = sys::stat_fd(fd)?;
+    if st.st_uid == owner.uid && st.st_gid == owner.gid {
+        return Ok(());
+    }
+    sys::set_owner(fd, Some(owner.uid), Some(owner.gid))?;
+    if st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0
+        && st.st_mode & libc::S_IFMT != libc::S_IFLNK
+    {
+        let after = sys::stat_fd(fd)?;
+        if after.st_mode & 0o7777 != st.st_mode & 0o7777 {
+            sys::set_mode(fd, st.st_mode)?;
+        }
+    }
+    Ok(())
+}
+
+/// The identities and paths a mutation involves (what a divergence marks dirty).
+fn involved(op: &Op<'_>) -> (Vec<FileId>, Vec<PathBuf>) {
+    let mut ids = Vec::new();
+    let mut paths = Vec::new();
+    let node = |n: &NodeRef, ids: &mut Vec<FileId>, paths: &mut Vec<PathBuf>| {
+        ids.push(n.id);
+        paths.extend(n.path.clone());
+    };
+    let entry = |e: &EntryRef<'_>, paths: &mut Vec<PathBuf>| paths.extend(e.path.clone());
+    match op {
+        Op::Write { node: n, .. }
+        | Op::Fallocate { node: n, .. }
+        | Op::SetAttr { node: n, .. }
+        | Op::SetXattr { node: n, .. }
+        | Op::RemoveXattr { node: n, .. }
+        | Op::Fsync { node: n, .. } => node(n, &mut ids, &mut paths),
+        Op::Create { entry: e, .. }
+        | Op::Mknod { entry: e, .. }
+        | Op::Mkdir { entry: e, .. }
+        | Op::Symlink { entry: e, .. } => entry(e, &mut paths),
+        Op::Link { node: n, new } => {
+            node(n, &mut ids, &mut paths);
+            entry(new, &mut paths);
+        }
+        Op::Unlink { entry: e, target } | Op::Rmdir { entry: e, target } => {
+            entry(e, &mut paths);
+            ids.extend(*target);
+        }
+        Op::Rename {
+            from,
+            to,
+            moved,
+            replaced,
+            ..
+        } => {
+            entry(from, &mut paths);
+            entry(to, &mut paths);
+            ids.extend(*moved);
+            ids.extend(*replaced);
+        }
+    }
+    (ids, paths)
+}

@@ -1,0 +1,1332 @@
+//! The wire format of the replication stream.
+//!
+//! A stream is a sequence of **frames**: a 4-byte little-endian body length, then the body. The
+//! body starts with a record tag; every field is little-endian and fixed-size, except byte
+//! strings (a `u32` length, then the bytes) and options (a `0`/`1` byte, then the value). The
+//! data of a write is the raw remainder of its frame: it is never copied through a serializer,
+//! and [`encode_head`] lets a transport send it straight from the kernel's request buffer
+//! (`writev` of head and payload). [`decode`] borrows names and data from the frame.
+//!
+//! Records ([`Record`]):
+//! - [`Record::Mutation`]: one [`Mutation`] (every [`Op`] kind), primary to secondary;
+//! - [`Record::Applied`]: the primary's local [`Outcome`] of a mutation (its errno, the attributes
+//!   after the apply: the secondary copies `atime`/`mtime` from them), primary to secondary;
+//! - [`Record::Forget`]: the primary no longer names a backing inode (the secondary may drop its
+//!   handle), primary to secondary;
+//! - [`Record::Ack`]: the secondary's result of a mutation, secondary to primary.
+//!
+//! Decoding never panics: malformed input (unknown tags, truncated fields, invalid booleans or
+//! nanoseconds, trailing bytes, frames above [`MAX_FRAME`]) is a [`WireError`].
+
+use std::borrow::Cow;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use tandem_fs::{
+    Attr, EntryRef, FileId, Mutation, NodeRef, Op, Outcome, Owner, SyncMode, Timestamp,
+};
+
+/// Largest frame body (16 MiB): above the largest write the kernel sends (`max_write`, at most
+/// a few MiB), with room for the header.
+pub const MAX_FRAME: usize = 16 << 20;
+
+/// Length of the frame prefix (the body length, `u32` little-endian).
+pub const PREFIX_LEN: usize = 4;
+
+/// Why a frame could not be encoded or decoded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The frame ends before a field does.
+    #[error("truncated frame")]
+    Truncated,
+    /// The body is larger than [`MAX_FRAME`].
+    #[error("frame of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    /// An unknown record or operation tag.
+    #[error("unknown tag {0}")]
+    UnknownTag(u8),
+    /// A field holds a value outside its domain (boolean, option tag, nanoseconds...).
+    #[error("invalid value in field {0}")]
+    Invalid(&'static str),
+    /// Bytes left after the last field of a record.
+    #[error("{0} trailing bytes")]
+    Trailing(usize),
+}
+
+/// One record of the replication stream. Names and data borrow from the decoded frame
+/// ([`Record::into_owned`] to keep them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record<'a> {
+    /// A mutation to apply on the secondary.
+    Mutation(Mutation<'a>),
+    /// The primary's local outcome of mutation `seq`.
+    Applied {
+        /// The mutation.
+        seq: u64,
+        /// Its local outcome (errno, attributes after the apply, bytes written).
+        outcome: Outcome,
+    },
+    /// The primary dropped its last reference to the backing inode `id`.
+    Forget {
+        /// The primary's identity of the inode.
+        id: FileId,
+    },
+    /// The secondary's result of mutation `seq`.
+    Ack {
+        /// The mutation.
+        seq: u64,
+        /// `None` when applied, else the secondary's errno.
+        error: Option<i32>,
+    },
+}
+
+impl Record<'_> {
+    /// Converts the borrowed fields to owned ones.
+    pub fn into_owned(self) -> Record<'static> {
+        match self {
+            Record::Mutation(m) => Record::Mutation(m.into_owned()),
+            Record::Applied { seq, outcome } => Record::Applied { seq, outcome },
+            Record::Forget { id } => Record::Forget { id },
+            Record::Ack { seq, error } => Record::Ack { seq, error },
+        }
+    }
+}
+
+// Record tags.
+const R_MUTATION: u8 = 1;
+const R_APPLIED: u8 = 2;
+const R_FORGET: u8 = 3;
+const R_ACK: u8 = 4;
+
+// Operation tags.
+const OP_WRITE: u8 = 1;
+const OP_FALLOCATE: u8 = 2;
+const OP_SETATTR: u8 = 3;
+const OP_CREATE: u8 = 4;
+const OP_MKNOD: u8 = 5;
+const OP_MKDIR: u8 = 6;
+const OP_SYMLINK: u8 = 7;
+const OP_LINK: u8 = 8;
+const OP_UNLINK: u8 = 9;
+const OP_RMDIR: u8 = 10;
+const OP_RENAME: u8 = 11;
+const OP_SETXATTR: u8 = 12;
+const OP_REMOVEXATTR: u8 = 13;
+const OP_FSYNC: u8 = 14;
+
+// ------------------------------------------------------------------------------------- encoding
+
+struct Writer<'o>(&'o mut Vec<u8>);
+
+impl Writer<'_> {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn bool(&mut self, v: bool) {
+        self.0.push(u8::from(v));
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn i32(&mut self, v: i32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn i64(&mut self, v: i64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    /// A byte string; fails when its length does not fit a `u32` (it could not fit a frame).
+    fn bytes(&mut self, v: &[u8]) -> Result<(), WireError> {
+        let len = u32::try_from(v.len()).map_err(|_| WireError::TooLarge(v.len()))?;
+        self.u32(len);
+        self.0.extend_from_slice(v);
+        Ok(())
+    }
+    fn path(&mut self, p: &Path) -> Result<(), WireError> {
+        self.bytes(p.as_os_str().as_bytes())
+    }
+    fn opt<T>(&mut self, v: Option<T>, f: impl FnOnce(&mut Self, T)) {
+        match v {
+            None => self.u8(0),
+            Some(v) => {
+                self.u8(1);
+                f(self, v);
+            }
+        }
+    }
+    fn opt_path(&mut self, p: Option<&Path>) -> Result<(), WireError> {
+        match p {
+            None => {
+                self.u8(0);
+                Ok(())
+            }
+            Some(p) => {
+                self.u8(1);
+                self.path(p)
+            }
+        }
+    }
+    fn file_id(&mut self, id: FileId) {
+        self.u64(id.dev);
+        self.u64(id.ino);
+    }
+    fn time(&mut self, t: Timestamp) {
+        self.i64(t.sec);
+        self.u32(t.nsec);
+    }
+    fn owner(&mut self, o: Owner) {
+        self.u32(o.uid);
+        self.u32(o.gid);
+    }
+    fn node(&mut self, n: &NodeRef) -> Result<(), WireError> {
+        self.u64(n.nodeid);
+        self.u64(n.generation);
+        self.file_id(n.id);
+        self.opt_path(n.path.as_deref())
+    }
+    fn entry(&mut self, e: &EntryRef<'_>) -> Result<(), WireError> {
+        self.node(&e.parent)?;
+        self.bytes(e.name.as_bytes())?;
+        self.opt_path(e.path.as_deref())?;
+        self.bool(e.excluded);
+        Ok(())
+    }
+    fn attr(&mut self, a: &Attr) {
+        self.file_id(a.id);
+        self.u32(a.mode);
+        self.u64(a.nlink);
+        self.u32(a.uid);
+        self.u32(a.gid);
+        self.u64(a.rdev);
+        self.u64(a.size);
+        self.u64(a.blocks);
+        self.time(a.atime);
+        self.time(a.mtime);
+        self.time(a.ctime);
+    }
+}
+
+/// Encodes the body of `record` without the payload of a write into `w`; returns the payload.
+fn encode_body<'r>(record: &'r Record<'_>, w: &mut Writer<'_>) -> Result<&'r [u8], WireError> {
+    match record {
+        Record::Mutation(m) => encode_mutation_body(m, w),
+        Record::Applied { seq, outcome } => {
+            w.u8(R_APPLIED);
+            w.u64(*seq);
+            w.opt(outcome.error, Writer::i32);
+            w.opt(outcome.attr.as_ref(), Writer::attr);
+            w.opt(outcome.written, Writer::u64);
+            Ok(&[])
+        }
+        Record::Forget { id } => {
+            w.u8(R_FORGET);
+            w.file_id(*id);
+            Ok(&[])
+        }
+        Record::Ack { seq, error } => {
+            w.u8(R_ACK);
+            w.u64(*seq);
+            w.opt(*error, Writer::i32);
+            Ok(&[])
+        }
+    }
+}
+
+fn encode_mutation_body<'r>(
+    m: &'r Mutation<'_>,
+    w: &mut Writer<'_>,
+) -> Result<&'r [u8], WireError> {
+    w.u8(R_MUTATION);
+    w.u64(m.seq);
+    w.bool(m.replicate);
+    encode_op(&m.op, w)
+}
+
+fn encode_op<'r>(op: &'r Op<'_>, w: &mut Writer<'_>) -> Result<&'r [u8], WireError> {
+    match op {
+        Op::Write {
+            node,
+            fh,
+            offset,
+            data,
+            sync,
+            kill_suidgid,
+        } => {
+            w.u8(OP_WRITE);
+            w.node(node)?;
+            w.u64(*fh);
+            w.u64(*offset);
+            w.u8(match sync {
+                SyncMode::None => 0,
+                SyncMode::Data => 1,
+                SyncMode::Full => 2,
+            });
+            w.bool(*kill_suidgid);
+            // The data is the rest of the frame.
+            return Ok(data.as_ref());
+        }
+        Op::Fallocate {
+            node,
+            fh,
+            mode,
+            offset,
+            len,
+        } => {
+            w.u8(OP_FALLOCATE);
+            w.node(node)?;
+            w.u64(*fh);
+            w.i32(*mode);
+            w.u64(*offset);
+            w.u64(*len);
+        }
+        Op::SetAttr {
+            node,
+            fh,
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+        } => {
+            w.u8(OP_SETATTR);
+            w.node(node)?;
+            w.opt(*fh, |w, v| w.u64(v));
+            w.opt(*mode, |w, v| w.u32(v));
+            w.opt(*uid, |w, v| w.u32(v));
+            w.opt(*gid, |w, v| w.u32(v));
+            w.opt(*size, |w, v| w.u64(v));
+            w.opt(*atime, |w, v| w.time(v));
+            w.opt(*mtime, |w, v| w.time(v));
+        }
+        Op::Create {
+            entry,
+            mode,
+            umask,
+            flags,
+            owner,
+        } => {
+            w.u8(OP_CREATE);
+            w.entry(entry)?;
+            w.u32(*mode);
+            w.u32(*umask);
+            w.i32(*flags);
+            w.owner(*owner);
+        }
+        Op::Mknod {
+            entry,
+            mode,
+            umask,
+            rdev,
+            owner,
+        } => {
+            w.u8(OP_MKNOD);
+            w.entry(entry)?;
+            w.u32(*mode);
+            w.u32(*umask);
+            w.u32(*rdev);
+            w.owner(*owner);
+        }
+        Op::Mkdir {
+            entry,
+            mode,
+            umask,
+            owner,
+        } => {
+            w.u8(OP_MKDIR);
+            w.entry(entry)?;
+            w.u32(*mode);
+            w.u32(*umask);
+            w.owner(*owner);
+        }
+        Op::Symlink {
+            entry,
+            target,
+            owner,
+        } => {
+            w.u8(OP_SYMLINK);
+            w.entry(entry)?;
+            w.path(target)?;
+            w.owner(*owner);
+        }
+        Op::Link { node, new } => {
+            w.u8(OP_LINK);
+            w.node(node)?;
+            w.entry(new)?;
+        }
+        Op::Unlink { entry, target } => {
+            w.u8(OP_UNLINK);
+            w.entry(entry)?;
+            w.opt(*target, |w, id| w.file_id(id));
+        }
+        Op::Rmdir { entry, target } => {
+            w.u8(OP_RMDIR);
+            w.entry(entry)?;
+            w.opt(*target, |w, id| w.file_id(id));
+        }
+        Op::Rename {
+            from,
+            to,
+            flags,
+            moved,
+            replaced,
+        } => {
+            w.u8(OP_RENAME);
+            w.entry(from)?;
+            w.entry(to)?;
+            w.u32(*flags);
+            w.opt(*moved, |w, id| w.file_id(id));
+            w.opt(*replaced, |w, id| w.file_id(id));
+        }
+        Op::SetXattr {
+            node,
+            name,
+            value,
+            flags,
+        } => {
+            w.u8(OP_SETXATTR);
+            w.node(node)?;
+            w.bytes(name.as_bytes())?;
+            w.bytes(value)?;
+            w.i32(*flags);
+        }
+        Op::RemoveXattr { node, name } => {
+            w.u8(OP_REMOVEXATTR);
+            w.node(node)?;
+            w.bytes(name.as_bytes())?;
+        }
+        Op::Fsync { node, fh, datasync } => {
+            w.u8(OP_FSYNC);
+            w.node(node)?;
+            w.u64(*fh);
+            w.bool(*datasync);
+        }
+    }
+    Ok(&[])
+}
+
+/// Appends the frame prefix and body of a body encoder's output to `head`; returns the payload.
+fn encode_framed<'r>(
+    head: &mut Vec<u8>,
+    body: impl FnOnce(&mut Writer<'_>) -> Result<&'r [u8], WireError>,
+) -> Result<&'r [u8], WireError> {
+    let start = head.len();
+    head.extend_from_slice(&[0; PREFIX_LEN]);
+    let payload = match body(&mut Writer(head)) {
+        Ok(p) => p,
+        Err(e) => {
+            head.truncate(start);
+            return Err(e);
+        }
+    };
+    let len = head.len() - start - PREFIX_LEN + payload.len();
+    // `len <= MAX_FRAME` fits a u32.
+    let prefix = match u32::try_from(len) {
+        Ok(l) if len <= MAX_FRAME => l,
+        _ => {
+            head.truncate(start);
+            return Err(WireError::TooLarge(len));
+        }
+    };
+    head[start..start + PREFIX_LEN].copy_from_slice(&prefix.to_le_bytes());
+    Ok(payload)
+}
+
+/// [`encode_head`] of a [`Record::Mutation`], from a borrowed mutation.
+pub fn encode_mutation_head<'r>(
+    m: &'r Mutation<'_>,
+    head: &mut Vec<u8>,
+) -> Result<&'r [u8], WireError> {
+    encode_framed(head, |w| encode_mutation_body(m, w))
+}
+
+/// [`encode`] of a [`Record::Mutation`], from a borrowed mutation.
+pub fn encode_mutation(m: &Mutation<'_>, out: &mut Vec<u8>) -> Result<(), WireError> {
+    let payload = encode_mutation_head(m, out)?;
+    out.extend_from_slice(payload);
+    Ok(())
+}
+
+/// Appends the frame prefix and body of `record` to `head`, except the data of a write, which
+/// is returned: the frame is `head` (from where it started) followed by the returned payload.
+/// A transport sends both with one `writev`, without copying the data.
+pub fn encode_head<'r>(record: &'r Record<'_>, head: &mut Vec<u8>) -> Result<&'r [u8], WireError> {
+    encode_framed(head, |w| encode_body(record, w))
+}
+
+/// Appends the whole frame of `record` (prefix, body and data) to `out`.
+pub fn encode(record: &Record<'_>, out: &mut Vec<u8>) -> Result<(), WireError> {
+    let payload = encode_head(record, out)?;
+    out.extend_from_slice(payload);
+    Ok(())
+}
+
+/// The whole frame of `record` in a new buffer.
+pub fn to_frame(record: &Record<'_>) -> Result<Vec<u8>, WireError> {
+    let mut out = Vec::new();
+    encode(record, &mut out)?;
+    Ok(out)
+}
+
+/// The body length announced by a frame prefix; rejects bodies above [`MAX_FRAME`].
+pub fn body_len(prefix: [u8; PREFIX_LEN]) -> Result<usize, WireError> {
+    let len = u32::from_le_bytes(prefix) as usize;
+    if len > MAX_FRAME {
+        return Err(WireError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+/// Splits the first frame off `buf`: `Ok(None)` when `buf` does not hold a whole frame yet,
+/// else its body and the total length of the frame (prefix included).
+pub fn split_frame(buf: &[u8]) -> Result<Option<(&[u8], usize)>, WireError> {
+    let Some(prefix) = buf.first_chunk::<PREFIX_LEN>() else {
+        return Ok(None);
+    };
+    let len = body_len(*prefix)?;
+    let total = PREFIX_LEN + len;
+    Ok(buf.get(PREFIX_LEN..total).map(|body| (body, total)))
+}
+
+/// Decodes one whole frame (prefix and body, nothing after it).
+pub fn decode_frame(frame: &[u8]) -> Result<Record<'_>, WireError> {
+    match split_frame(frame)? {
+        None => Err(WireError::Truncated),
+        Some((body, total)) if total == frame.len() => decode(body),
+        Some((_, total)) => Err(WireError::Trailing(frame.len() - total)),
+    }
+}
+
+// ------------------------------------------------------------------------------------- decoding
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.buf.len() < n {
+            return Err(WireError::Truncated);
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let Some((head, rest)) = self.buf.split_first_chunk::<N>() else {
+            return Err(WireError::Truncated);
+        };
+        self.buf = rest;
+        Ok(*head)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.array::<1>()?[0])
+    }
+    fn bool(&mut self, field: &'static str) -> Result<bool, WireError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(WireError::Invalid(field)),
+        }
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    fn i32(&mut self) -> Result<i32, WireError> {
+        Ok(i32::from_le_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    fn i64(&mut self) -> Result<i64, WireError> {
+        Ok(i64::from_le_bytes(self.array()?))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], WireError> {
+        let len = self.u32()? as usize;
+        self.take(len)
+    }
+    fn os_str(&mut self) -> Result<&'a OsStr, WireError> {
+        Ok(OsStr::from_bytes(self.bytes()?))
+    }
+    fn path(&mut self) -> Result<&'a Path, WireError> {
+        Ok(Path::new(self.os_str()?))
+    }
+    fn opt<T>(
+        &mut self,
+        field: &'static str,
+        f: impl FnOnce(&mut Self) -> Result<T, WireError>,
+    ) -> Result<Option<T>, WireError> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => f(self).map(Some),
+            _ => Err(WireError::Invalid(field)),
+        }
+    }
+    fn file_id(&mut self) -> Result<FileId, WireError> {
+        Ok(FileId {
+            dev: self.u64()?,
+            ino: self.u64()?,
+        })
+    }
+    fn time(&mut self) -> Result<Timestamp, WireError> {
+        let sec = self.i64()?;
+        let nsec = self.u32()?;
+        if nsec >= 1_000_000_000 {
+            return Err(WireError::Invalid("nanoseconds"));
+        }
+        Ok(Timestamp { sec, nsec })
+    }
+    fn owner(&mut self) -> Result<Owner, WireError> {
+        Ok(Owner {
+            uid: self.u32()?,
+            gid: self.u32()?,
+        })
+    }
+    fn node(&mut self) -> Result<NodeRef, WireError> {
+        Ok(NodeRef {
+            nodeid: self.u64()?,
+            generation: self.u64()?,
+            id: self.file_id()?,
+            path: self.opt("node path", |r| r.path().map(PathBuf::from))?,
+        })
+    }
+    fn entry(&mut self) -> Result<EntryRef<'a>, WireError> {
+        Ok(EntryRef {
+            parent: self.node()?,
+            name: Cow::Borrowed(self.os_str()?),
+            path: self.opt("entry path", |r| r.path().map(PathBuf::from))?,
+            excluded: self.bool("excluded")?,
+        })
+    }
+    fn attr(&mut self) -> Result<Attr, WireError> {
+        Ok(Attr {
+            id: self.file_id()?,
+            mode: self.u32()?,
+            nlink: self.u64()?,
+            uid: self.u32()?,
+            gid: self.u32()?,
+            rdev: self.u64()?,
+            size: self.u64()?,
+            blocks: self.u64()?,
+            atime: self.time()?,
+            mtime: self.time()?,
+            ctime: self.time()?,
+        })
+    }
+    fn finish(self) -> Result<(), WireError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::Trailing(self.buf.len()))
+        }
+    }
+}
+
+/// Decodes a frame body (without its prefix). Names and write data borrow from `body`.
+pub fn decode(body: &[u8]) -> Result<Record<'_>, WireError> {
+    if body.len() > MAX_FRAME {
+        return Err(WireError::TooLarge(body.len()));
+    }
+    let mut r = Reader { buf: body };
+    let record = match r.u8()? {
+        R_MUTATION => {
+            let seq = r.u64()?;
+            let replicate = r.bool("replicate")?;
+            let op = decode_op(&mut r)?;
+            Record::Mutation(Mutation { seq, replicate, op })
+        }
+        R_APPLIED => Record::Applied {
+            seq: r.u64()?,
+            outcome: Outcome {
+                error: r.opt("error", |r| r.i32())?,
+                attr: r.opt("attr", |r| r.attr())?,
+                written: r.opt("written", |r| r.u64())?,
+            },
+        },
+        R_FORGET => Record::Forget { id: r.file_id()? },
+        R_ACK => Record::Ack {
+            seq: r.u64()?,
+            error: r.opt("error", |r| r.i32())?,
+        },
+        tag => return Err(WireError::UnknownTag(tag)),
+    };
+    r.finish()?;
+    Ok(record)
+}
+
+fn decode_op<'a>(r: &mut Reader<'a>) -> Result<Op<'a>, WireError> {
+    Ok(match r.u8()? {
+        OP_WRITE => {
+            let node = r.node()?;
+            let fh = r.u64()?;
+            let offset = r.u64()?;
+            let sync = match r.u8()? {
+                0 => SyncMode::None,
+                1 => SyncMode::Data,
+                2 => SyncMode::Full,
+                _ => return Err(WireError::Invalid("sync")),
+            };
+            let kill_suidgid = r.bool("kill_suidgid")?;
+            // The rest of the frame is the data.
+            let data = r.take(r.buf.len())?;
+            Op::Write {
+                node,
+                fh,
+                offset,
+                data: Cow::Borrowed(data),
+                sync,
+                kill_suidgid,
+            }
+        }
+        OP_FALLOCATE => Op::Fallocate {
+            node: r.node()?,
+            fh: r.u64()?,
+            mode: r.i32()?,
+            offset: r.u64()?,
+            len: r.u64()?,
+        },
+        OP_SETATTR => Op::SetAttr {
+            node: r.node()?,
+            fh: r.opt("fh", |r| r.u64())?,
+            mode: r.opt("mode", |r| r.u32())?,
+            uid: r.opt("uid", |r| r.u32())?,
+            gid: r.opt("gid", |r| r.u32())?,
+            size: r.opt("size", |r| r.u64())?,
+            atime: r.opt("atime", |r| r.time())?,
+            mtime: r.opt("mtime", |r| r.time())?,
+        },
+        OP_CREATE => Op::Create {
+            entry: r.entry()?,
+            mode: r.u32()?,
+            umask: r.u32()?,
+            flags: r.i32()?,
+            owner: r.owner()?,
+        },
+        OP_MKNOD => Op::Mknod {
+            entry: r.entry()?,
+            mode: r.u32()?,
+            umask: r.u32()?,
+            rdev: r.u32()?,
+            owner: r.owner()?,
+        },
+        OP_MKDIR => Op::Mkdir {
+            entry: r.entry()?,
+            mode: r.u32()?,
+            umask: r.u32()?,
+            owner: r.owner()?,
+        },
+        OP_SYMLINK => Op::Symlink {
+            entry: r.entry()?,
+            target: Cow::Borrowed(r.path()?),
+            owner: r.owner()?,
+        },
+        OP_LINK => Op::Link {
+            node: r.node()?,
+            new: r.entry()?,
+        },
+        OP_UNLINK => Op::Unlink {
+            entry: r.entry()?,
+            target: r.opt("target", |r| r.file_id())?,
+        },
+        OP_RMDIR => Op::Rmdir {
+            entry: r.entry()?,
+            target: r.opt("target", |r| r.file_id())?,
+        },
+        OP_RENAME => Op::Rename {
+            from: r.entry()?,
+            to: r.entry()?,
+            flags: r.u32()?,
+            moved: r.opt("moved", |r| r.file_id())?,
+            replaced: r.opt("replaced", |r| r.file_id())?,
+        },
+        OP_SETXATTR => Op::SetXattr {
+            node: r.node()?,
+            name: Cow::Borrowed(r.os_str()?),
+            value: Cow::Borrowed(r.bytes()?),
+            flags: r.i32()?,
+        },
+        OP_REMOVEXATTR => Op::RemoveXattr {
+            node: r.node()?,
+            name: Cow::Borrowed(r.os_str()?),
+        },
+        OP_FSYNC => Op::Fsync {
+            node: r.node()?,
+            fh: r.u64()?,
+            datasync: r.bool("datasync")?,
+        },
+        tag => return Err(WireError::UnknownTag(tag)),
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+
+    fn node(path: Option<&str>) -> NodeRef {
+        NodeRef {
+            nodeid: 42,
+            generation: 7,
+            id: FileId {
+                dev: 0x803,
+                ino: 123_456,
+            },
+            path: path.map(PathBuf::from),
+        }
+    }
+
+    fn entry(name: &str) -> EntryRef<'static> {
+        EntryRef {
+            parent: node(Some("dir")),
+            name: Cow::Owned(OsString::from(name)),
+            path: Some(PathBuf::from("dir").join(name)),
+            excluded: false,
+        }
+    }
+
+    fn t(sec: i64, nsec: u32) -> Timestamp {
+        Timestamp { sec, nsec }
+    }
+
+    fn owner() -> Owner {
+        Owner { uid: 1000, gid: 50 }
+    }
+
+    /// One mutation of every operation kind.
+    pub(crate) fn every_op() -> Vec<Op<'static>> {
+        let id = |ino| FileId { dev: 1, ino };
+        vec![
+            Op::Write {
+                node: node(Some("dir/f")),
+                fh: 3,
+                offset: 1 << 40,
+                data: Cow::Owned(vec![0xab; 100_000]),
+                sync: SyncMode::Data,
+                kill_suidgid: true,
+            },
+            Op::Write {
+                node: node(None),
+                fh: 3,
+                offset: 0,
+                data: Cow::Owned(Vec::new()),
+                sync: SyncMode::Full,
+                kill_suidgid: false,
+            },
+            Op::Fallocate {
+                node: node(Some("f")),
+                fh: 9,
+                mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset: 4096,
+                len: 8192,
+            },
+            Op::SetAttr {
+                node: node(Some("")),
+                fh: Some(5),
+                mode: Some(0o4755),
+                uid: Some(0),
+                gid: None,
+                size: Some(77),
+                atime: Some(t(-5, 999_999_999)),
+                mtime: Some(t(1_700_000_000, 1)),
+            },
+            Op::SetAttr {
+                node: node(None),
+                fh: None,
+                mode: None,
+                uid: None,
+                gid: Some(9),
+                size: None,
+                atime: None,
+                mtime: None,
+            },
+            Op::Create {
+                entry: entry("new"),
+                mode: libc::S_IFREG | 0o644,
+                umask: 0o022,
+                flags: libc::O_RDWR | libc::O_CREAT,
+                owner: owner(),
+            },
+            Op::Mknod {
+                entry: entry("fifo"),
+                mode: libc::S_IFIFO | 0o600,
+                umask: 0,
+                rdev: 0x0103,
+                owner: owner(),
+            },
+            Op::Mkdir {
+                entry: entry("sub"),
+                mode: 0o2775,
+                umask: 0o002,
+                owner: owner(),
+            },
+            Op::Symlink {
+                entry: entry("link"),
+                target: Cow::Owned(PathBuf::from("../some/where é")),
+                owner: owner(),
+            },
+            Op::Link {
+                node: node(Some("a")),
+                new: entry("b"),
+            },
+            Op::Unlink {
+                entry: entry("gone"),
+                target: Some(id(5)),
+            },
+            Op::Rmdir {
+                entry: entry("gone-dir"),
+                target: None,
+            },
+            Op::Rename {
+                from: entry("x"),
+                to: EntryRef {
+                    excluded: true,
+                    path: None,
+                    ..entry("y")
+                },
+                flags: libc::RENAME_EXCHANGE,
+                moved: Some(id(1)),
+                replaced: Some(id(2)),
+            },
+            Op::SetXattr {
+                node: node(Some("f")),
+                name: Cow::Owned(OsString::from("system.posix_acl_access")),
+                value: Cow::Owned(vec![2, 0, 0, 0, 1, 0, 7, 0, 0xff, 0xff, 0xff, 0xff]),
+                flags: libc::XATTR_CREATE,
+            },
+            Op::RemoveXattr {
+                node: node(Some("f")),
+                name: Cow::Owned(OsString::from_vec(b"user.\xff".to_vec())),
+            },
+            Op::Fsync {
+                node: node(Some("d")),
+                fh: 11,
+                datasync: true,
+            },
+        ]
+    }
+
+    fn every_record() -> Vec<Record<'static>> {
+        let mut out: Vec<Record<'static>> = every_op()
+            .into_iter()
+            .enumerate()
+            .map(|(i, op)| {
+                Record::Mutation(Mutation {
+                    seq: i as u64 + 1,
+                    replicate: i % 2 == 0,
+                    op,
+                })
+            })
+            .collect();
+        let attr = tandem_fs::Attr {
+            id: FileId { dev: 3, ino: 4 },
+            mode: libc::S_IFREG | 0o600,
+            nlink: 2,
+            uid: 1,
+            gid: 2,
+            rdev: 0,
+            size: 99,
+            blocks: 8,
+            atime: t(1, 2),
+            mtime: t(3, 4),
+            ctime: t(5, 6),
+        };
+        out.push(Record::Applied {
+            seq: 9,
+            outcome: Outcome {
+                error: None,
+                attr: Some(attr),
+                written: Some(99),
+            },
+        });
+        out.push(Record::Applied {
+            seq: 10,
+            outcome: Outcome {
+                error: Some(libc::ENOENT),
+                attr: None,
+                written: None,
+            },
+        });
+        out.push(Record::Forget {
+            id: FileId { dev: 1, ino: 2 },
+        });
+        out.push(Record::Ack {
+            seq: 3,
+            error: Some(libc::EIO),
+        });
+        out.push(Record::Ack {
+            seq: 4,
+            error: None,
+        });
+        out
+    }
+
+    #[test]
+    fn every_record_round_trips() {
+        let mut stream = Vec::new();
+        for r in every_record() {
+            let frame = to_frame(&r).unwrap();
+            assert_eq!(decode_frame(&frame).unwrap(), r);
+            // Head + payload is the same frame.
+            let mut head = Vec::new();
+            let payload = encode_head(&r, &mut head).unwrap();
+            head.extend_from_slice(payload);
+            assert_eq!(head, frame);
+            if let Record::Mutation(m) = &r {
+                let mut again = Vec::new();
+                encode_mutation(m, &mut again).unwrap();
+                assert_eq!(again, frame);
+            }
+            stream.extend_from_slice(&frame);
+        }
+        // A stream of frames splits back into the same records.
+        let mut rest = &stream[..];
+        let mut decoded = Vec::new();
+        while let Some((body, total)) = split_frame(rest).unwrap() {
+            decoded.push(decode(body).unwrap().into_owned());
+            rest = &rest[total..];
+        }
+        assert!(rest.is_empty());
+        assert_eq!(decoded, every_record());
+    }
+
+    #[test]
+    fn write_data_is_borrowed_from_the_frame() {
+        let frame = to_frame(&Record::Mutation(Mutation {
+            seq: 1,
+            replicate: true,
+            op: every_op().remove(0),
+        }))
+        .unwrap();
+        let Record::Mutation(Mutation {
+            op: Op::Write { data, .. },
+            ..
+        }) = decode_frame(&frame).unwrap()
+        else {
+            panic!("not a write");
+        };
+        assert!(matches!(data, Cow::Borrowed(_)));
+        assert_eq!(data.len(), 100_000);
+    }
+
+    #[test]
+    fn truncated_and_extended_frames_are_rejected() {
+        for r in every_record() {
+            let frame = to_frame(&r).unwrap();
+            let body = &frame[PREFIX_LEN..];
+            let is_write = matches!(
+                r,
+                Record::Mutation(Mutation {
+                    op: Op::Write { .. },
+                    ..
+                })
+            );
+            for cut in 0..body.len() {
+                let res = decode(&body[..cut]);
+                if is_write && res.is_ok() {
+                    // A write cut inside its data is a shorter write: the frame length guards it.
+                    continue;
+                }
+                assert!(res.is_err(), "{r:?} cut at {cut}");
+            }
+            if !is_write {
+                let mut longer = body.to_vec();
+                longer.push(0);
+                assert_eq!(decode(&longer), Err(WireError::Trailing(1)));
+            }
+            // A prefix that does not match the body.
+            let mut bad = frame.clone();
+            bad.push(0);
+            assert!(decode_frame(&bad).is_err());
+            assert!(decode_frame(&frame[..frame.len() - 1]).is_err());
+        }
+    }
+
+    #[test]
+    fn invalid_fields_are_rejected() {
+        assert_eq!(decode(&[]), Err(WireError::Truncated));
+        assert_eq!(decode(&[99]), Err(WireError::UnknownTag(99)));
+        let mut m = vec![R_MUTATION];
+        m.extend_from_slice(&1u64.to_le_bytes());
+        m.push(2); // replicate must be 0 or 1
+        assert_eq!(decode(&m), Err(WireError::Invalid("replicate")));
+        let mut m = vec![R_MUTATION];
+        m.extend_from_slice(&1u64.to_le_bytes());
+        m.push(1);
+        m.push(200); // unknown op
+        assert_eq!(decode(&m), Err(WireError::UnknownTag(200)));
+        // Nanoseconds out of range.
+        let mut a = vec![R_APPLIED];
+        a.extend_from_slice(&1u64.to_le_bytes());
+        a.push(0);
+        a.push(1);
+        a.extend_from_slice(&[0; 16 + 4 + 8 + 4 + 4 + 8 + 8 + 8]);
+        a.extend_from_slice(&0i64.to_le_bytes());
+        a.extend_from_slice(&1_000_000_000u32.to_le_bytes());
+        assert_eq!(decode(&a), Err(WireError::Invalid("nanoseconds")));
+        // A byte string longer than the frame.
+        let mut f = vec![R_MUTATION];
+        f.extend_from_slice(&1u64.to_le_bytes());
+        f.push(1);
+        f.push(OP_REMOVEXATTR);
+        f.extend_from_slice(&[0; 32]);
+        f.push(0); // no path
+        f.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode(&f), Err(WireError::Truncated));
+        // Frames above the limit.
+        assert!(body_len((MAX_FRAME as u32 + 1).to_le_bytes()).is_err());
+        let huge = Record::Mutation(Mutation {
+            seq: 1,
+            replicate: true,
+            op: Op::Write {
+                node: node(None),
+                fh: 0,
+                offset: 0,
+                data: Cow::Owned(vec![0; MAX_FRAME]),
+                sync: SyncMode::None,
+                kill_suidgid: false,
+            },
+        });
+        let mut out = vec![1, 2, 3];
+        assert!(matches!(
+            encode(&huge, &mut out),
+            Err(WireError::TooLarge(_))
+        ));
+        assert_eq!(out, vec![1, 2, 3], "nothing appended on error");
+    }
+
+    fn arb_bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), 0..max)
+    }
+
+    fn arb_node() -> impl Strategy<Value = NodeRef> {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            proptest::option::of(arb_bytes(20)),
+        )
+            .prop_map(|(nodeid, generation, dev, ino, path)| NodeRef {
+                nodeid,
+                generation,
+                id: FileId { dev, ino },
+                path: path.map(|p| PathBuf::from(OsString::from_vec(p))),
+            })
+    }
+
+    fn arb_entry() -> impl Strategy<Value = EntryRef<'static>> {
+        (
+            arb_node(),
+            arb_bytes(20),
+            proptest::option::of(arb_bytes(20)),
+            any::<bool>(),
+        )
+            .prop_map(|(parent, name, path, excluded)| EntryRef {
+                parent,
+                name: Cow::Owned(OsString::from_vec(name)),
+                path: path.map(|p| PathBuf::from(OsString::from_vec(p))),
+                excluded,
+            })
+    }
+
+    fn arb_time() -> impl Strategy<Value = Timestamp> {
+        (any::<i64>(), 0..1_000_000_000u32).prop_map(|(sec, nsec)| Timestamp { sec, nsec })
+    }
+
+    fn arb_id() -> impl Strategy<Value = FileId> {
+        (any::<u64>(), any::<u64>()).prop_map(|(dev, ino)| FileId { dev, ino })
+    }
+
+    fn arb_owner() -> impl Strategy<Value = Owner> {
+        (any::<u32>(), any::<u32>()).prop_map(|(uid, gid)| Owner { uid, gid })
+    }
+
+    fn arb_op() -> impl Strategy<Value = Op<'static>> {
+        prop_oneof![
+            (
+                arb_node(),
+                any::<u64>(),
+                any::<u64>(),
+                arb_bytes(300),
+                0..3u8,
+                any::<bool>()
+            )
+                .prop_map(|(node, fh, offset, data, s, kill_suidgid)| Op::Write {
+                    node,
+                    fh,
+                    offset,
+                    data: Cow::Owned(data),
+                    sync: [SyncMode::None, SyncMode::Data, SyncMode::Full][s as usize],
+                    kill_suidgid,
+                }),
+            (
+                arb_node(),
+                any::<u64>(),
+                any::<i32>(),
+                any::<u64>(),
+                any::<u64>()
+            )
+                .prop_map(|(node, fh, mode, offset, len)| Op::Fallocate {
+                    node,
+                    fh,
+                    mode,
+                    offset,
+                    len
+                }),
+            (
+                arb_node(),
+                proptest::option::of(any::<u64>()),
+                proptest::option::of(any::<u32>()),
+                proptest::option::of(any::<u32>()),
+                proptest::option::of(any::<u32>()),
+                proptest::option::of(any::<u64>()),
+                proptest::option::of(arb_time()),
+                proptest::option::of(arb_time())
+            )
+                .prop_map(|(node, fh, mode, uid, gid, size, atime, mtime)| {
+                    Op::SetAttr {
+                        node,
+                        fh,
+                        mode,
+                        uid,
+                        gid,
+                        size,
+                        atime,
+                        mtime,
+                    }
+                }),
+            (
+                arb_entry(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<i32>(),
+                arb_owner()
+            )
+                .prop_map(|(entry, mode, umask, flags, owner)| Op::Create {
+                    entry,
+                    mode,
+                    umask,
+                    flags,
+                    owner
+                }),
+            (
+                arb_entry(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+                arb_owner()
+            )
+                .prop_map(|(entry, mode, umask, rdev, owner)| Op::Mknod {
+                    entry,
+                    mode,
+                    umask,
+                    rdev,
+                    owner
+                }),
+            (arb_entry(), any::<u32>(), any::<u32>(), arb_owner()).prop_map(
+                |(entry, mode, umask, owner)| Op::Mkdir {
+                    entry,
+                    mode,
+                    umask,
+                    owner
+                }
+            ),
+            (arb_entry(), arb_bytes(30), arb_owner()).prop_map(|(entry, target, owner)| {
+                Op::Symlink {
+                    entry,
+                    target: Cow::Owned(PathBuf::from(OsString::from_vec(target))),
+                    owner,
+                }
+            }),
+            (arb_node(), arb_entry()).prop_map(|(node, new)| Op::Link { node, new }),
+            (arb_entry(), proptest::option::of(arb_id()))
+                .prop_map(|(entry, target)| Op::Unlink { entry, target }),
+            (arb_entry(), proptest::option::of(arb_id()))
+                .prop_map(|(entry, target)| Op::Rmdir { entry, target }),
+            (
+                arb_entry(),
+                arb_entry(),
+                any::<u32>(),
+                proptest::option::of(arb_id()),
+                proptest::option::of(arb_id())
+            )
+                .prop_map(|(from, to, flags, moved, replaced)| Op::Rename {
+                    from,
+                    to,
+                    flags,
+                    moved,
+                    replaced
+                }),
+            (arb_node(), arb_bytes(20), arb_bytes(100), any::<i32>()).prop_map(
+                |(node, name, value, flags)| Op::SetXattr {
+                    node,
+                    name: Cow::Owned(OsString::from_vec(name)),
+                    value: Cow::Owned(value),
+                    flags,
+                }
+            ),
+            (arb_node(), arb_bytes(20)).prop_map(|(node, name)| Op::RemoveXattr {
+                node,
+                name: Cow::Owned(OsString::from_vec(name)),
+            }),
+            (arb_node(), any::<u64>(), any::<bool>()).prop_map(|(node, fh, datasync)| Op::Fsync {
+                node,
+                fh,
+                datasync
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn random_bytes_never_panic(bytes in arb_bytes(200)) {
+            let _ = decode(&bytes);
+            let _ = decode_frame(&bytes);
+            let _ = split_frame(&bytes);
+        }
+
+        #[test]
+        fn random_bytes_after_a_valid_tag_never_panic(
+            tag in 1..=4u8,
+            op in 0..=15u8,
+            rest in arb_bytes(200),
+        ) {
+            let mut body = vec![tag];
+            if tag == R_MUTATION {
+                body.extend_from_slice(&7u64.to_le_bytes());
+                body.push(1);
+                body.push(op);
+            }
+            body.extend_from_slice(&rest);
+            let _ = decode(&body);
+        }
+
+        #[test]
+        fn random_mutations_round_trip(seq in any::<u64>(), replicate in any::<bool>(), op in arb_op()) {
+            let r = Record::Mutation(Mutation { seq, replicate, op });
+            let frame = to_frame(&r).unwrap();
+            prop_assert_eq!(decode_frame(&frame).unwrap(), r);
+        }
+
+        #[test]
+        fn corrupted_frames_never_panic(
+            op in arb_op(),
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
+        ) {
+            let mut frame = to_frame(&Record::Mutation(Mutation { seq: 1, replicate: true, op })).unwrap();
+            for (at, v) in flips {
+                let i = at % frame.len();
+                frame[i] = v;
+            }
+            let _ = decode_frame(&frame);
+        }
+    }
+}
