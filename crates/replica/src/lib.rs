@@ -8,15 +8,27 @@
 //!   handle (`*at` calls, no symlink followed), keeps the table primary identity -> local file,
 //!   copies the primary's times, and reports [`Divergence`]s;
 //! - [`LoopbackReplicator`]: a [`tandem_fs::Replicator`] that sends every mutation through the
-//!   wire format to an [`Applier`] on another directory of the same machine (tests, benchmarks).
+//!   wire format to an [`Applier`] on another directory of the same machine (tests, benchmarks);
+//! - [`NetReplicator`] and [`Receiver`]: the replication stream between two processes over TCP
+//!   ([`transport`]: Noise keyed by the cluster secret, or plaintext on a dedicated link), with
+//!   the replication timeout and the hold / record-locally / fail states of a lost secondary.
 
 #![warn(missing_docs)]
 
 mod applier;
 mod loopback;
+mod net_replicator;
+mod receiver;
+mod sequencer;
 mod sys;
+pub mod transport;
 pub mod wire;
 
 pub use applier::{Applier, Divergence};
 pub use loopback::{LoopbackReplicator, LoopbackStats};
+pub use net_replicator::{
+    DEFAULT_QUEUE, DEFAULT_TIMEOUT, Lost, NetOptions, NetReplicator, NetStats, ReplicationState,
+};
+pub use receiver::{RECEIVE_QUEUE, Receiver, ReceiverReport, ReceiverStats};
+pub use transport::{Security, TransportError};
 pub use wire::{Record, WireError};

@@ -1,0 +1,555 @@
+//! [`NetReplicator`]: the primary's side of the replication stream, over one TCP connection to
+//! the secondary's [`crate::Receiver`] (see [`crate::transport`] for the handshake and framing).
+//!
+//! # Data path
+//!
+//! [`Replicator::submit`] encodes the mutation into one frame (the write data is copied once,
+//! out of the kernel's request buffer, into the frame), records its [`Completion`] as *pending*
+//! and queues the frame; a writer thread sends the queued frames (coalescing small ones, writing
+//! large ones straight from the frame; with Noise, encrypting them) and a reader thread receives
+//! the secondary's `Ack { seq, error }` and completes the pending completion. Outcomes
+//! ([`Replicator::applied`]) and forgets travel the same queue, so they keep their order with
+//! the mutations. Excluded mutations are completed at once and sent as a *skip* (a mutation
+//! record with `replicate == false` whose operation is a placeholder), so the secondary's reorder
+//! buffer can move past their `seq`. The queue is bounded ([`NetOptions::queue`] frames):
+//! submit only waits when it is full, that is when the secondary falls that far behind (bounded
+//! memory; the timeout below still runs).
+//!
+//! # States
+//!
+//! ```text
+//!                 ack timeout / connection error
+//!   Replicating ─────────────────────────────────► Holding ──record_locally()──► RecordingLocally
+//!        │            (on_lost called once)            │
+//!        │                                             └──────fail_all()───────► Failed
+//!        └──── record_locally() / fail_all() (the daemon may decide first) ────┘
+//! ```
+//!
+//! - **Replicating**: frames are sent; each completion completes with the secondary's result
+//!   when its ack arrives (`ENOSPC`/`EDQUOT` as such, other errors as `EIO`).
+//! - **Holding**: entered when the oldest pending mutation has waited longer than
+//!   [`NetOptions::timeout`] for its ack, or when the connection fails (closed, reset, a write
+//!   error, garbage). The connection is shut down and the `on_lost` callback runs once with a
+//!   [`Lost`] (the daemon turns it into the core's `ReplicationLost` input). Pending completions
+//!   and the completions of every new mutation are *held*: not completed, so the application's
+//!   call does not return.
+//! - **RecordingLocally** (after [`NetReplicator::record_locally`], the core's PRIM -> ALONE):
+//!   held and new mutations are recorded as changes to send later and completed with `Ok`. For
+//!   now the record is an in-memory list of `seq`s ([`NetReplicator::recorded`]); the durable
+//!   dirty log replaces it later.
+//! - **Failed** (after [`NetReplicator::fail_all`]): held and new completions fail with `EIO`.
+//!
+//! Both final states are terminal for this replicator: reconnecting is a new `NetReplicator`.
+
+use std::collections::BTreeMap;
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, SyncSender, TryRecvError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tandem_fs::{Completion, FileId, Mutation, NodeRef, Op, Outcome, ReplicationError, Replicator};
+
+use crate::sequencer::remote_result;
+use crate::transport::{self, FrameReader, FrameWriter, Security, TransportError};
+use crate::wire::{self, Record};
+
+/// Default replication timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default capacity of the send queue, in frames.
+pub const DEFAULT_QUEUE: usize = 256;
+
+/// Settings of a [`NetReplicator`].
+#[derive(Clone, Debug)]
+pub struct NetOptions {
+    /// Protection of the connection.
+    pub security: Security,
+    /// How long a mutation may wait for its ack before the secondary counts as lost.
+    pub timeout: Duration,
+    /// Frames queued for the writer at most (submit waits beyond it).
+    pub queue: usize,
+}
+
+impl NetOptions {
+    /// Options with the default timeout and queue.
+    pub fn new(security: Security) -> NetOptions {
+        NetOptions {
+            security,
+            timeout: DEFAULT_TIMEOUT,
+            queue: DEFAULT_QUEUE,
+        }
+    }
+}
+
+/// The replication state (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplicationState {
+    /// Mutations are sent and completed by the secondary's acks.
+    Replicating,
+    /// The secondary was lost: completions are held.
+    Holding,
+    /// Mutations are recorded locally and completed.
+    RecordingLocally,
+    /// Held and new completions fail with `EIO`.
+    Failed,
+}
+
+/// The report of a lost secondary, given to the `on_lost` callback.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lost {
+    /// Why (ack timeout, connection closed...).
+    pub reason: String,
+    /// Completions held at that moment.
+    pub held: usize,
+}
+
+/// Counters of a [`NetReplicator`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetStats {
+    /// Frames queued for the secondary (mutations, skips, outcomes, forgets).
+    pub frames: u64,
+    /// Bytes of those frames (before encryption).
+    pub bytes: u64,
+    /// Acks received.
+    pub acks: u64,
+    /// Mutations waiting for their ack (or held).
+    pub in_flight: u64,
+    /// Sum of the ack latencies, in microseconds (divide by `acks` for the mean).
+    pub ack_micros: u64,
+}
+
+struct Pending {
+    done: Completion,
+    kind: &'static str,
+    since: Instant,
+}
+
+struct State {
+    state: ReplicationState,
+    pending: BTreeMap<u64, Pending>,
+    recorded: Vec<u64>,
+}
+
+type OnLost = Box<dyn Fn(&Lost) + Send + Sync>;
+
+struct Inner {
+    state: Mutex<State>,
+    on_lost: OnLost,
+    timeout: Duration,
+    /// The connection, to shut it down from any thread.
+    stream: TcpStream,
+    /// Set by `close`: the end of the stream is expected.
+    closing: AtomicBool,
+    frames: AtomicU64,
+    bytes: AtomicU64,
+    acks: AtomicU64,
+    ack_micros: AtomicU64,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Critical sections only move entries between maps: a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn replicating(&self) -> bool {
+        self.lock().state == ReplicationState::Replicating
+    }
+
+    /// Replicating -> Holding; reports it once.
+    fn lose(&self, reason: String) {
+        let lost = {
+            let mut s = self.lock();
+            if s.state != ReplicationState::Replicating {
+                return;
+            }
+            s.state = ReplicationState::Holding;
+            Lost {
+                reason,
+                held: s.pending.len(),
+            }
+        };
+        tracing::warn!(reason = %lost.reason, held = lost.held, "replication lost");
+        let _ = self.stream.shutdown(Shutdown::Both);
+        (self.on_lost)(&lost);
+    }
+
+    fn ack(&self, seq: u64, error: Option<i32>) {
+        let pending = {
+            let mut s = self.lock();
+            if s.state != ReplicationState::Replicating {
+                return;
+            }
+            s.pending.remove(&seq)
+        };
+        match pending {
+            Some(p) => {
+                self.acks.fetch_add(1, Ordering::Relaxed);
+                let micros = u64::try_from(p.since.elapsed().as_micros()).unwrap_or(u64::MAX);
+                self.ack_micros.fetch_add(micros, Ordering::Relaxed);
+                p.done
+                    .complete(remote_result(seq, p.kind, error.map_or(Ok(()), Err)));
+            }
+            None => tracing::warn!(seq, "replication: ack of no pending mutation"),
+        }
+    }
+
+    /// Declares the secondary lost when the oldest pending mutation waited too long.
+    fn check_timeout(&self) {
+        let late = {
+            let s = self.lock();
+            if s.state != ReplicationState::Replicating {
+                return;
+            }
+            // The lowest seq: (nearly) the oldest, as seqs are submitted in (nearly) that order.
+            s.pending
+                .first_key_value()
+                .map(|(seq, p)| (*seq, p.since))
+                .filter(|(_, since)| since.elapsed() > self.timeout)
+        };
+        if let Some((seq, _)) = late {
+            self.lose(format!(
+                "no ack of seq {seq} within {:?} (secondary unresponsive)",
+                self.timeout
+            ));
+        }
+    }
+}
+
+enum Msg {
+    Frame(Vec<u8>),
+    Close,
+}
+
+/// A [`Replicator`] sending every mutation to the secondary's [`crate::Receiver`] over TCP. See
+/// the module documentation.
+pub struct NetReplicator {
+    inner: Arc<Inner>,
+    tx: SyncSender<Msg>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for NetReplicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetReplicator")
+            .field("state", &self.state())
+            .field("peer", &self.inner.stream.peer_addr().ok())
+            .finish()
+    }
+}
+
+impl NetReplicator {
+    /// Connects to the secondary's receiver at `addr` and authenticates (the mount's first
+    /// mutation must be `seq` 1). `on_lost` is called once, from an internal thread, when the
+    /// secondary is lost; it must not block. A refused handshake (wrong secret, other security
+    /// mode) is an error here.
+    pub fn connect(
+        addr: SocketAddr,
+        options: NetOptions,
+        on_lost: impl Fn(&Lost) + Send + Sync + 'static,
+    ) -> Result<NetReplicator, TransportError> {
+        let mut stream = TcpStream::connect_timeout(&addr, transport::HANDSHAKE_TIMEOUT)?;
+        let keys = transport::handshake(&mut stream, &options.security, true)?;
+        // The reader wakes up this often to check the oldest pending mutation's age.
+        let tick =
+            (options.timeout / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
+        stream.set_read_timeout(Some(tick))?;
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State {
+                state: ReplicationState::Replicating,
+                pending: BTreeMap::new(),
+                recorded: Vec::new(),
+            }),
+            on_lost: Box::new(on_lost),
+            timeout: options.timeout,
+            stream: stream.try_clone()?,
+            closing: AtomicBool::new(false),
+            frames: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            acks: AtomicU64::new(0),
+            ack_micros: AtomicU64::new(0),
+        });
+        let (tx, rx) = mpsc::sync_channel(options.queue.max(1));
+        let writer = {
+            let inner = inner.clone();
+            let out = FrameWriter::new(stream.try_clone()?, keys.clone());
+            std::thread::Builder::new()
+                .name("tandem-repl-tx".into())
+                .spawn(move || write_loop(&inner, out, &rx))?
+        };
+        let reader = {
+            let inner = inner.clone();
+            let input = FrameReader::new(stream, keys);
+            std::thread::Builder::new()
+                .name("tandem-repl-rx".into())
+                .spawn(move || read_loop(&inner, input))?
+        };
+        Ok(NetReplicator {
+            inner,
+            tx,
+            writer: Mutex::new(Some(writer)),
+            reader: Mutex::new(Some(reader)),
+        })
+    }
+
+    /// The current state.
+    pub fn state(&self) -> ReplicationState {
+        self.inner.lock().state
+    }
+
+    /// Holding (or still replicating) -> RecordingLocally: completes every held mutation with
+    /// `Ok` after recording it, and from now on records and completes new ones at once. Does
+    /// nothing after [`NetReplicator::fail_all`].
+    pub fn record_locally(&self) {
+        let released = {
+            let mut s = self.inner.lock();
+            if s.state == ReplicationState::Failed {
+                return;
+            }
+            s.state = ReplicationState::RecordingLocally;
+            let pending = std::mem::take(&mut s.pending);
+            s.recorded.extend(pending.keys().copied());
+            pending
+        };
+        let _ = self.inner.stream.shutdown(Shutdown::Both);
+        for p in released.into_values() {
+            p.done.complete(Ok(()));
+        }
+    }
+
+    /// Holding (or still replicating) -> Failed: fails every held mutation with `EIO`, and every
+    /// new one. Does nothing after [`NetReplicator::record_locally`].
+    pub fn fail_all(&self) {
+        let failed = {
+            let mut s = self.inner.lock();
+            if s.state == ReplicationState::RecordingLocally {
+                return;
+            }
+            s.state = ReplicationState::Failed;
+            std::mem::take(&mut s.pending)
+        };
+        let _ = self.inner.stream.shutdown(Shutdown::Both);
+        for p in failed.into_values() {
+            p.done.complete(Err(lost_error()));
+        }
+    }
+
+    /// The `seq`s recorded locally, in the order they were recorded (held ones first, by `seq`).
+    pub fn recorded(&self) -> Vec<u64> {
+        self.inner.lock().recorded.clone()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> NetStats {
+        let i = &self.inner;
+        NetStats {
+            frames: i.frames.load(Ordering::Relaxed),
+            bytes: i.bytes.load(Ordering::Relaxed),
+            acks: i.acks.load(Ordering::Relaxed),
+            in_flight: i.lock().pending.len() as u64,
+            ack_micros: i.ack_micros.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Sends what is queued, then closes the connection for writing and waits for the writer
+    /// (the secondary applies everything sent, then closes its side). Later records are dropped.
+    pub fn close(&self) {
+        self.inner.closing.store(true, Ordering::Relaxed);
+        let _ = self.tx.send(Msg::Close);
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(w) = writer {
+            let _ = w.join();
+        }
+    }
+
+    /// Queues a frame while replicating; a dead writer is a lost connection.
+    fn send(&self, frame: Vec<u8>) {
+        self.inner.frames.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .bytes
+            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        if self.tx.send(Msg::Frame(frame)).is_err() {
+            self.inner.lose("replication writer stopped".into());
+        }
+    }
+
+    fn send_record(&self, record: &Record<'_>) {
+        if !self.inner.replicating() {
+            return;
+        }
+        match wire::to_frame(record) {
+            Ok(frame) => self.send(frame),
+            Err(e) => tracing::warn!(error = %e, "replication: record not encodable"),
+        }
+    }
+
+    /// Tells the secondary that `seq` has nothing to apply.
+    fn skip(&self, seq: u64) {
+        let placeholder = Mutation {
+            seq,
+            replicate: false,
+            op: Op::Fsync {
+                node: NodeRef {
+                    nodeid: 0,
+                    generation: 0,
+                    id: FileId { dev: 0, ino: 0 },
+                    path: None,
+                },
+                fh: 0,
+                datasync: false,
+            },
+        };
+        self.send_record(&Record::Mutation(placeholder));
+    }
+}
+
+fn lost_error() -> ReplicationError {
+    ReplicationError::Failed("secondary lost and not allowed to record locally".into())
+}
+
+impl Drop for NetReplicator {
+    fn drop(&mut self) {
+        self.close();
+        let _ = self.inner.stream.shutdown(Shutdown::Both);
+        let reader = self
+            .reader
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(r) = reader {
+            let _ = r.join();
+        }
+        // Completions still pending are dropped: their calls fail with EIO.
+    }
+}
+
+impl Replicator for NetReplicator {
+    fn submit(&self, mutation: &Mutation<'_>, done: Completion) {
+        let seq = mutation.seq;
+        if !mutation.replicate {
+            done.complete(Ok(()));
+            self.skip(seq);
+            return;
+        }
+        let extra = match &mutation.op {
+            Op::Write { data, .. } => data.len(),
+            _ => 0,
+        };
+        let mut frame = Vec::with_capacity(256 + extra);
+        if let Err(e) = wire::encode_mutation(mutation, &mut frame) {
+            done.complete(Err(ReplicationError::Failed(format!(
+                "mutation {seq} not encodable: {e}"
+            ))));
+            self.skip(seq);
+            return;
+        }
+        let mut s = self.inner.lock();
+        match s.state {
+            ReplicationState::Replicating | ReplicationState::Holding => {
+                let replicating = s.state == ReplicationState::Replicating;
+                s.pending.insert(
+                    seq,
+                    Pending {
+                        done,
+                        kind: mutation.kind(),
+                        since: Instant::now(),
+                    },
+                );
+                drop(s);
+                if replicating {
+                    self.send(frame);
+                }
+            }
+            ReplicationState::RecordingLocally => {
+                s.recorded.push(seq);
+                drop(s);
+                done.complete(Ok(()));
+            }
+            ReplicationState::Failed => {
+                drop(s);
+                done.complete(Err(lost_error()));
+            }
+        }
+    }
+
+    fn applied(&self, seq: u64, outcome: &Outcome) {
+        self.send_record(&Record::Applied {
+            seq,
+            outcome: outcome.clone(),
+        });
+    }
+
+    fn forget(&self, id: FileId) {
+        self.send_record(&Record::Forget { id });
+    }
+}
+
+fn write_loop(inner: &Inner, mut out: FrameWriter, rx: &mpsc::Receiver<Msg>) {
+    let mut failed = false;
+    let mut next = rx.recv();
+    while let Ok(msg) = next {
+        match msg {
+            Msg::Close => {
+                if !failed {
+                    let _ = out.flush();
+                }
+                let _ = inner.stream.shutdown(Shutdown::Write);
+                return;
+            }
+            Msg::Frame(frame) => {
+                // After a failure, frames are discarded (so that submit never waits on a full
+                // queue nobody drains).
+                if !failed && let Err(e) = out.write_frame(&frame) {
+                    failed = true;
+                    inner.lose(format!("write to the secondary failed: {e}"));
+                }
+            }
+        }
+        next = match rx.try_recv() {
+            Ok(m) => Ok(m),
+            Err(TryRecvError::Empty) => {
+                if !failed && let Err(e) = out.flush() {
+                    failed = true;
+                    inner.lose(format!("write to the secondary failed: {e}"));
+                }
+                rx.recv()
+            }
+            Err(TryRecvError::Disconnected) => return,
+        };
+        if !failed && !inner.replicating() {
+            failed = true;
+        }
+    }
+}
+
+fn read_loop(inner: &Inner, mut input: FrameReader) {
+    loop {
+        match input.next() {
+            Ok(Some(frame)) => match wire::decode_frame(&frame) {
+                Ok(Record::Ack { seq, error }) => inner.ack(seq, error),
+                other => {
+                    inner.lose(format!("unexpected record from the secondary: {other:?}"));
+                    return;
+                }
+            },
+            Ok(None) => {}
+            Err(e) => {
+                if inner.closing.load(Ordering::Relaxed) && inner.lock().pending.is_empty() {
+                    return;
+                }
+                inner.lose(format!("connection to the secondary failed: {e}"));
+                return;
+            }
+        }
+        inner.check_timeout();
+        if !inner.replicating() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! [`Receiver`]: the secondary's side of the replication stream.
+//!
+//! Accepts one connection from the primary's [`crate::NetReplicator`], authenticates it (see
+//! [`crate::transport`]), and runs two threads: a reader that decrypts and classifies frames,
+//! and an applier that applies them through the shared sequencer (reorder buffer by `seq`,
+//! `Forget` barrier: as the [`crate::LoopbackReplicator`]) with an [`Applier`], and sends
+//! `Ack { seq, error }` after each apply (after the `fsync`/`fdatasync` for `Fsync` and
+//! `O_SYNC`/`O_DSYNC` writes, which the applier does before returning). Acks are written as soon
+//! as nothing else is waiting to be applied (several acks of a backlog leave in one segment).
+//!
+//! Memory is bounded: at most [`RECEIVE_QUEUE`] frames wait between the two threads; beyond it
+//! the reader stops reading and TCP pushes back to the primary.
+
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, TryRecvError};
+use std::thread::JoinHandle;
+
+use crate::applier::{Applier, Divergence};
+use crate::sequencer::{Input, Sequencer, Target};
+use crate::transport::{self, FrameReader, FrameWriter, Security, TransportError};
+use crate::wire::{self, Record};
+
+/// Frames waiting between the reader and the applier at most.
+pub const RECEIVE_QUEUE: usize = 64;
+
+/// Counters of a [`Receiver`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReceiverStats {
+    /// Mutations applied.
+    pub applied: u64,
+    /// Of those, mutations that failed here.
+    pub failed: u64,
+    /// Bytes of frames received (decrypted).
+    pub bytes: u64,
+    /// Forgets processed.
+    pub forgets: u64,
+    /// Divergences found.
+    pub divergences: u64,
+}
+
+/// How a connection ended.
+#[derive(Debug)]
+pub struct ReceiverReport {
+    /// Counters at the end.
+    pub stats: ReceiverStats,
+    /// `None` when the primary closed the stream cleanly; else the error.
+    pub error: Option<String>,
+    /// Mutations left waiting for a lower `seq` that never came.
+    pub waiting: usize,
+}
+
+/// The secondary's end of one replication connection. See the module documentation.
+pub struct Receiver {
+    target: Arc<Target>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    stop: Arc<AtomicBool>,
+    reader: Option<JoinHandle<Option<String>>>,
+    apply: Option<JoinHandle<usize>>,
+}
+
+impl std::fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver")
+            .field("peer", &self.peer)
+            .finish()
+    }
+}
+
+impl Receiver {
+    /// Accepts one connection on `listener`, authenticates it and starts applying its stream
+    /// with `applier` (the first mutation must be `seq` 1). A connection that fails the
+    /// handshake is closed and reported as the error (nothing is applied).
+    pub fn accept(
+        listener: &TcpListener,
+        security: &Security,
+        applier: Applier,
+    ) -> Result<Receiver, TransportError> {
+        let (mut stream, peer) = listener.accept()?;
+        let keys = match transport::handshake(&mut stream, security, false) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "replication connection refused");
+                let _ = stream.shutdown(Shutdown::Both);
+                return Err(e);
+            }
+        };
+        let target = Arc::new(Target::new(applier));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::sync_channel(RECEIVE_QUEUE);
+        let reader = {
+            let input = FrameReader::new(stream.try_clone()?, keys.clone());
+            let target = target.clone();
+            std::thread::Builder::new()
+                .name("tandem-recv-rx".into())
+                .spawn(move || read_loop(input, &target, &tx))?
+        };
+        let apply = {
+            let out = FrameWriter::new(stream.try_clone()?, keys);
+            let target = target.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("tandem-recv-apply".into())
+                .spawn(move || apply_loop(Sequencer::new(target), out, &rx, &stop))?
+        };
+        Ok(Receiver {
+            target,
+            stream,
+            peer,
+            stop,
+            reader: Some(reader),
+            apply: Some(apply),
+        })
+    }
+
+    /// The primary's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// The applier.
+    pub fn applier(&self) -> &Applier {
+        &self.target.applier
+    }
+
+    /// The divergences found so far.
+    pub fn divergences(&self) -> Vec<Divergence> {
+        self.target.divergences()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ReceiverStats {
+        let c = &self.target.counters;
+        ReceiverStats {
+            applied: c.applied.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            bytes: c.bytes.load(Ordering::Relaxed),
+            forgets: c.forgets.load(Ordering::Relaxed),
+            divergences: self.target.divergence_count(),
+        }
+    }
+
+    /// Waits until the primary closed the stream and everything received was applied (at once
+    /// when it already ended).
+    pub fn wait(&mut self) -> ReceiverReport {
+        let error = self
+            .reader
+            .take()
+            .and_then(|r| r.join().unwrap_or_else(|_| Some("reader panicked".into())));
+        let waiting = self
+            .apply
+            .take()
+            .map_or(0, |a| a.join().unwrap_or_default());
+        ReceiverReport {
+            stats: self.stats(),
+            error,
+            waiting,
+        }
+    }
+}
+
+impl Drop for Receiver {
+    /// Stops at once: what was received and not applied yet is dropped, the connection closed.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.stream.shutdown(Shutdown::Both);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        if let Some(a) = self.apply.take() {
+            let _ = a.join();
+        }
+    }
+}
+
+/// Reads frames until the end of the stream; returns the error that ended it, if any.
+fn read_loop(
+    mut input: FrameReader,
+    target: &Target,
+    tx: &mpsc::SyncSender<Input<()>>,
+) -> Option<String> {
+    loop {
+        let frame = match input.next() {
+            Ok(Some(f)) => f,
+            // No read timeout is set: `None` does not happen; read again.
+            Ok(None) => continue,
+            Err(TransportError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return None;
+            }
+            Err(e) => return Some(e.to_string()),
+        };
+        target
+            .counters
+            .bytes
+            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        let item = match wire::decode_frame(&frame) {
+            Ok(Record::Mutation(m)) if m.replicate => Some(m.seq),
+            Ok(Record::Mutation(m)) => {
+                let seq = m.seq;
+                if tx.send(Input::Skip { seq }).is_err() {
+                    return None;
+                }
+                continue;
+            }
+            Ok(Record::Applied { .. } | Record::Forget { .. }) => None,
+            Ok(Record::Ack { .. }) => return Some("ack received from the primary".into()),
+            Err(e) => return Some(format!("undecodable frame: {e}")),
+        };
+        let input = match item {
+            Some(seq) => Input::Mutation {
+                seq,
+                frame,
+                done: (),
+            },
+            None => Input::Frame(frame),
+        };
+        if tx.send(input).is_err() {
+            return None;
+        }
+    }
+}
+
+/// Applies in order and acks; returns how many mutations were left waiting.
+fn apply_loop(
+    mut sequencer: Sequencer<()>,
+    mut out: FrameWriter,
+    rx: &mpsc::Receiver<Input<()>>,
+    stop: &AtomicBool,
+) -> usize {
+    let mut ack_buf = Vec::with_capacity(64);
+    let mut broken = false;
+    let mut next = rx.recv();
+    while let Ok(input) = next {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        sequencer.push(input, &mut |seq, (), _kind, result: Result<(), i32>| {
+            if broken {
+                return;
+            }
+            ack_buf.clear();
+            let ack = Record::Ack {
+                seq,
+                error: result.err(),
+            };
+            if wire::encode(&ack, &mut ack_buf).is_err() || out.write_frame(&ack_buf).is_err() {
+                broken = true;
+            }
+        });
+        next = match rx.try_recv() {
+            Ok(m) => Ok(m),
+            Err(TryRecvError::Empty) => {
+                if !broken && out.flush().is_err() {
+                    broken = true;
+                }
+                rx.recv()
+            }
+            Err(TryRecvError::Disconnected) => break,
+        };
+    }
+    let _ = out.flush();
+    if sequencer.waiting() > 0 {
+        tracing::warn!(
+            waiting = sequencer.waiting(),
+            next = sequencer.next_seq(),
+            "replication stream ended with mutations waiting for a lower seq"
+        );
+    }
+    sequencer.waiting()
+}

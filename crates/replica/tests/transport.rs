@@ -1,0 +1,436 @@
+//! The replication stream between two "processes": a primary mount replicating through a
+//! [`NetReplicator`] over loopback TCP to a [`Receiver`] applying to another directory.
+//!
+//! Needs root and /dev/fuse. `REPLICA_SEED` and `REPLICA_OPS` as in `replicas.rs`. The
+//! benchmark is ignored by default:
+//! `cargo test --release -p tandem-replica --test transport -- --ignored --nocapture`.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tandem_fs::{LocalOnly, Mode, Mount, MountOptions, Replicator};
+use tandem_replica::transport::PLAINTEXT_HELLO;
+use tandem_replica::{
+    Applier, Lost, NetOptions, NetReplicator, Receiver, ReplicationState, Security, TransportError,
+};
+
+fn noise(secret: &str) -> Security {
+    Security::Noise {
+        secret: secret.as_bytes().to_vec(),
+    }
+}
+
+fn listen() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    (l, addr)
+}
+
+/// Starts a receiver on `b` (in a thread: it accepts one connection).
+fn spawn_receiver(
+    b: &Path,
+    security: &Security,
+) -> (SocketAddr, JoinHandle<Result<Receiver, TransportError>>) {
+    let (listener, addr) = listen();
+    let applier = Applier::open(b).unwrap();
+    let security = security.clone();
+    let h = std::thread::spawn(move || Receiver::accept(&listener, &security, applier));
+    (addr, h)
+}
+
+fn connect(
+    addr: SocketAddr,
+    security: Security,
+    timeout: Duration,
+) -> (Result<NetReplicator, TransportError>, mpsc::Receiver<Lost>) {
+    let (tx, rx) = mpsc::channel();
+    let options = NetOptions {
+        timeout,
+        ..NetOptions::new(security)
+    };
+    let rep = NetReplicator::connect(addr, options, move |lost: &Lost| {
+        let _ = tx.send(lost.clone());
+    });
+    (rep, rx)
+}
+
+fn mount(dir: &Path, rep: Arc<dyn Replicator>) -> MountGuard {
+    let options = MountOptions {
+        mode: Mode::Primary,
+        threads: 4,
+        ..MountOptions::default()
+    };
+    MountGuard(Some(
+        Mount::mount_in_place(dir, options, rep).expect("mount"),
+    ))
+}
+
+fn identical_through_tcp(security: Security, default_ops: u64) {
+    let seed = seed();
+    let total_ops = env_u64("REPLICA_OPS").unwrap_or(default_ops);
+    eprintln!("REPLICA_SEED={seed} REPLICA_OPS={total_ops} security={security:?}");
+    watchdog(seed, 300);
+    let (_a_dir, _b_dir, a, b) = trees();
+    let (addr, receiver) = spawn_receiver(&b, &security);
+    let (rep, lost) = connect(addr, security, Duration::from_secs(5));
+    let rep = Arc::new(rep.unwrap());
+    let mut receiver = receiver.join().unwrap().unwrap();
+    let mut guard = mount(&a, rep.clone());
+
+    let (counts, ran) = run_ops(&a, seed, total_ops, 4);
+    let mount_stats = guard.0.as_ref().unwrap().stats();
+    guard.0.take().unwrap().unmount().expect("unmount");
+    let net = rep.stats();
+    rep.close();
+    let report = receiver.wait();
+    eprintln!(
+        "{total_ops} operations in {ran:.1?} (seed {seed}); mount {mount_stats:?}; net {net:?} \
+         (mean ack {} µs); receiver {report:?}",
+        net.ack_micros / net.acks.max(1)
+    );
+    assert!(lost.try_recv().is_err(), "no loss reported");
+    assert_eq!(rep.state(), ReplicationState::Replicating);
+    assert_eq!(report.error, None, "clean end of stream");
+    assert_eq!(report.waiting, 0);
+    assert_eq!(net.in_flight, 0);
+    let divergences = receiver.divergences();
+    assert!(
+        divergences.is_empty(),
+        "seed {seed}: {} divergences, first: {:#?}",
+        divergences.len(),
+        &divergences[..divergences.len().min(5)]
+    );
+    assert_eq!(mount_stats.replication_errors, 0, "seed {seed}");
+    assert_eq!(
+        receiver.applier().pending_len(),
+        0,
+        "every outcome processed"
+    );
+    assert_all_kinds(&counts, seed);
+    assert_identical(&a, &b, seed);
+}
+
+#[test]
+fn replicas_identical_through_noise_tcp() {
+    identical_through_tcp(noise("cluster secret"), 10_000);
+}
+
+#[test]
+fn replicas_identical_through_plaintext_tcp() {
+    identical_through_tcp(Security::Plaintext, 5_000);
+}
+
+#[test]
+fn wrong_secret_or_mode_is_refused() {
+    let (_a_dir, _b_dir, _a, b) = trees();
+    let before = fs::read_dir(&b).unwrap().count();
+    for (receiver_side, primary_side) in [
+        (noise("right"), noise("wrong")),
+        (noise("right"), Security::Plaintext),
+        (Security::Plaintext, noise("right")),
+    ] {
+        let (addr, receiver) = spawn_receiver(&b, &receiver_side);
+        let started = Instant::now();
+        let (rep, _lost) = connect(addr, primary_side.clone(), Duration::from_secs(5));
+        let err = rep.expect_err("the connection is refused");
+        let recv_err = receiver.join().unwrap().expect_err("the receiver refuses");
+        eprintln!(
+            "{primary_side:?} -> {receiver_side:?}: primary: {err}; receiver: {recv_err} ({:?})",
+            started.elapsed()
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        if matches!(primary_side, Security::Noise { .. })
+            && matches!(receiver_side, Security::Noise { .. })
+        {
+            assert!(matches!(err, TransportError::RefusedByPeer), "{err:?}");
+            assert!(matches!(recv_err, TransportError::Auth), "{recv_err:?}");
+        }
+    }
+    assert_eq!(fs::read_dir(&b).unwrap().count(), before, "nothing applied");
+}
+
+/// Writes and fsyncs `data` at offset 0 of `path` in a thread; the result comes on the channel.
+fn write_in_thread(path: &Path, data: &'static [u8]) -> mpsc::Receiver<std::io::Result<()>> {
+    let (tx, rx) = mpsc::channel();
+    let path = path.to_path_buf();
+    std::thread::spawn(move || {
+        let r = (|| {
+            let f = fs::OpenOptions::new().write(true).open(&path)?;
+            f.write_all_at(data, 0)?;
+            f.sync_all()
+        })();
+        let _ = tx.send(r);
+    });
+    rx
+}
+
+#[test]
+fn receiver_killed_mid_stream_holds_then_records_locally() {
+    let (_a_dir, _b_dir, a, b) = trees();
+    let security = noise("s");
+    let (addr, receiver) = spawn_receiver(&b, &security);
+    let timeout = Duration::from_secs(1);
+    let (rep, lost) = connect(addr, security, timeout);
+    let rep = Arc::new(rep.unwrap());
+    let receiver = receiver.join().unwrap().unwrap();
+    let mut guard = mount(&a, rep.clone());
+
+    // Replicating: a write goes through.
+    fs::write(a.join("held"), b"before").unwrap();
+    File::open(a.join("held")).unwrap().sync_all().unwrap();
+    // Mid-stream: a stream of writes, then the receiver goes away.
+    let stop = Arc::new(AtomicBool::new(false));
+    let streaming = {
+        let a = a.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(a.join("d0/f1"))
+                .unwrap();
+            let mut ok = 0u64;
+            for i in 0u64.. {
+                if stop.load(Ordering::Relaxed)
+                    || f.write_all_at(&[i as u8; 4096], (i % 64) * 4096).is_err()
+                {
+                    break;
+                }
+                ok += 1;
+            }
+            ok
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let killed = Instant::now();
+    drop(receiver);
+    let report = lost.recv_timeout(timeout * 3).expect("loss reported");
+    eprintln!("lost after {:?}: {report:?}", killed.elapsed());
+    assert!(killed.elapsed() <= timeout + Duration::from_millis(500));
+    assert_eq!(rep.state(), ReplicationState::Holding);
+
+    // Holding: a new write does not return.
+    let write = write_in_thread(&a.join("held"), b"after!");
+    assert!(
+        write.recv_timeout(Duration::from_millis(700)).is_err(),
+        "the write is held"
+    );
+    assert!(!streaming.is_finished(), "the streaming writer is held too");
+
+    rep.record_locally();
+    write
+        .recv_timeout(Duration::from_secs(5))
+        .expect("released")
+        .expect("completed with Ok");
+    assert_eq!(rep.state(), ReplicationState::RecordingLocally);
+    let recorded = rep.recorded();
+    eprintln!("recorded locally: {} mutations", recorded.len());
+    assert!(
+        recorded.len() >= 2,
+        "the held write and fsync: {recorded:?}"
+    );
+    // New writes complete at once and are recorded.
+    fs::write(a.join("new"), b"x").unwrap();
+    assert!(rep.recorded().len() > recorded.len());
+    assert_eq!(fs::read(a.join("held")).unwrap(), b"after!");
+    stop.store(true, Ordering::Relaxed);
+    let n = streaming.join().unwrap();
+    eprintln!("streaming writer: {n} writes");
+    guard.0.take().unwrap().unmount().unwrap();
+    assert!(lost.try_recv().is_err(), "loss reported once");
+}
+
+/// A receiver that completes the handshake, then never acks (an unresponsive secondary).
+fn black_hole() -> (SocketAddr, JoinHandle<()>, mpsc::Sender<()>) {
+    let (listener, addr) = listen();
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let h = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut hello = vec![0u8; 4 + PLAINTEXT_HELLO.len()];
+        s.read_exact(&mut hello).unwrap();
+        let mut reply = (PLAINTEXT_HELLO.len() as u32).to_le_bytes().to_vec();
+        reply.extend_from_slice(PLAINTEXT_HELLO);
+        s.write_all(&reply).unwrap();
+        // Keep the connection open, reading nothing, until told to stop.
+        let _ = stop_rx.recv();
+    });
+    (addr, h, stop_tx)
+}
+
+#[test]
+fn unresponsive_secondary_times_out_then_fail_all() {
+    let (_a_dir, _b_dir, a, _b) = trees();
+    let (addr, hole, stop) = black_hole();
+    let timeout = Duration::from_millis(800);
+    let (rep, lost) = connect(addr, Security::Plaintext, timeout);
+    let rep = Arc::new(rep.unwrap());
+    let mut guard = mount(&a, rep.clone());
+
+    let started = Instant::now();
+    let write = write_in_thread(&a.join("f0"), b"held");
+    let report = lost.recv_timeout(timeout * 4).expect("loss reported");
+    let after = started.elapsed();
+    eprintln!("lost after {after:?}: {report:?}");
+    assert!(after >= timeout && after < timeout * 2, "{after:?}");
+    assert!(report.reason.contains("no ack"), "{report:?}");
+    assert!(report.held >= 1);
+    assert!(
+        write.recv_timeout(Duration::from_millis(500)).is_err(),
+        "held"
+    );
+    rep.fail_all();
+    let r = write
+        .recv_timeout(Duration::from_secs(5))
+        .expect("released");
+    assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EIO));
+    assert_eq!(rep.state(), ReplicationState::Failed);
+    assert!(rep.recorded().is_empty());
+    guard.0.take().unwrap().unmount().ok();
+    let _ = stop.send(());
+    hole.join().unwrap();
+}
+
+// ------------------------------------------------------------------------------------ benchmark
+
+struct Figures {
+    seq_mb_s: f64,
+    iops: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// Lets the writeback of the previous phase finish, so that it does not slow the next one.
+fn settle() {
+    // SAFETY: sync(2) has no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+fn measure(dir: &Path, seq_mib: usize, iops_for: Duration) -> Figures {
+    let block = vec![0x5au8; 1 << 20];
+    settle();
+    let started = Instant::now();
+    {
+        let mut f = File::create(dir.join("seq")).unwrap();
+        for _ in 0..seq_mib {
+            f.write_all(&block).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let seq_mb_s = (seq_mib as f64 * 1.048_576) / started.elapsed().as_secs_f64();
+    settle();
+    let f = File::create(dir.join("iops")).unwrap();
+    let small = [0xa5u8; 4096];
+    let mut lat = Vec::new();
+    let started = Instant::now();
+    let mut i = 0u64;
+    while started.elapsed() < iops_for {
+        let t = Instant::now();
+        f.write_all_at(&small, (i % 1024) * 4096).unwrap();
+        f.sync_data().unwrap();
+        lat.push(t.elapsed());
+        i += 1;
+    }
+    let iops = i as f64 / started.elapsed().as_secs_f64();
+    lat.sort();
+    let pct =
+        |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1e6;
+    Figures {
+        seq_mb_s,
+        iops,
+        p50_us: pct(0.5),
+        p99_us: pct(0.99),
+    }
+}
+
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture (release)"]
+fn benchmark_net_replicator_vs_local_only() {
+    let seq_mib = env_u64("BENCH_MIB").unwrap_or(256) as usize;
+    let iops_for = Duration::from_secs(env_u64("BENCH_SECS").unwrap_or(3));
+    let mut rows = Vec::new();
+    for name in [
+        "plain directory",
+        "LocalOnly mount",
+        "Net plaintext",
+        "Net noise",
+    ] {
+        let a_dir = tempfile::Builder::new()
+            .prefix("tandem-bench-a")
+            .tempdir()
+            .unwrap();
+        let b_dir = tempfile::Builder::new()
+            .prefix("tandem-bench-b")
+            .tempdir()
+            .unwrap();
+        let (a, b) = (a_dir.path().to_path_buf(), b_dir.path().to_path_buf());
+        let figures = match name {
+            "plain directory" => measure(&a, seq_mib, iops_for),
+            "LocalOnly mount" => {
+                let mut guard = mount(&a, Arc::new(LocalOnly));
+                let f = measure(&a, seq_mib, iops_for);
+                guard.0.take().unwrap().unmount().unwrap();
+                f
+            }
+            _ => {
+                let security = if name == "Net noise" {
+                    noise("bench")
+                } else {
+                    Security::Plaintext
+                };
+                let (addr, receiver) = spawn_receiver(&b, &security);
+                let (rep, _lost) = connect(addr, security, Duration::from_secs(5));
+                let rep = Arc::new(rep.unwrap());
+                let mut receiver = receiver.join().unwrap().unwrap();
+                let mut guard = mount(&a, rep.clone());
+                let f = measure(&a, seq_mib, iops_for);
+                guard.0.take().unwrap().unmount().unwrap();
+                let net = rep.stats();
+                rep.close();
+                let report = receiver.wait();
+                eprintln!(
+                    "{name}: {} acks, mean ack {} µs, receiver {:?}",
+                    net.acks,
+                    net.ack_micros / net.acks.max(1),
+                    report.stats
+                );
+                assert_eq!(
+                    fs::metadata(b.join("seq")).unwrap().len(),
+                    (seq_mib << 20) as u64
+                );
+                f
+            }
+        };
+        rows.push((name, figures));
+    }
+    let local = &rows[1].1;
+    eprintln!(
+        "\nsequential {seq_mib} MiB in 1 MiB writes + fsync; 4 KiB write+fdatasync for {iops_for:?}"
+    );
+    eprintln!(
+        "{:<18} {:>10} {:>8} {:>10} {:>8} {:>9} {:>9}",
+        "", "seq MB/s", "ratio", "IOPS", "ratio", "p50 µs", "p99 µs"
+    );
+    for (name, f) in &rows {
+        eprintln!(
+            "{name:<18} {:>10.0} {:>7.0}% {:>10.0} {:>7.0}% {:>9.0} {:>9.0}",
+            f.seq_mb_s,
+            100.0 * f.seq_mb_s / local.seq_mb_s,
+            f.iops,
+            100.0 * f.iops / local.iops,
+            f.p50_us,
+            f.p99_us
+        );
+    }
+    eprintln!("(ratios against the LocalOnly mount)");
+}
