@@ -202,6 +202,22 @@ pub enum Input {
         /// New link state.
         up: bool,
     },
+    /// The health of the module's replication stream to the peer, as its replicator sees it
+    /// (the stream is a connection of its own, apart from heartbeats and the peer channel).
+    /// `false` when the secondary is lost (no acknowledgement within the replication timeout, or
+    /// the connection failed); `true` once the stream to the current secondary is established
+    /// and every mutation sent on it has been acknowledged. Until the first report the
+    /// replication counts as not connected.
+    ///
+    /// A primary counts its peer as an up-to-date secondary only while the replication is
+    /// connected: without it, PRIM goes ALONE (a new data generation, so the secondary
+    /// resynchronises), and neither ALONE -> PRIM nor a swap happens.
+    ReplicationChanged {
+        /// The module.
+        module: ModuleId,
+        /// The replication stream is connected and caught up.
+        connected: bool,
+    },
 }
 
 /// What a module persists; read back at daemon start.

@@ -14,6 +14,13 @@
 //! - a node grants only while it holds neither the primary role nor the VIPs, and does not take
 //!   the role while its grant stands;
 //! - the claim about the local data is persisted before the role that justifies it is used.
+//!
+//! Whether the secondary is up to date comes from two sources: its snapshots (SECOND,
+//! synchronised with the primary's current data generation) and the health of the replication
+//! stream ([`crate::Input::ReplicationChanged`], not connected until reported). A primary counts
+//! its peer as an up-to-date secondary only when both say so: with the replication lost, PRIM
+//! goes ALONE (exclusive claim and a new data generation, so the secondary resynchronises), and
+//! ALONE -> PRIM and a swap wait until the replication is connected again.
 
 use std::collections::VecDeque;
 
@@ -110,7 +117,8 @@ pub(crate) struct PeerFacts {
     pub primary: bool,
     /// The peer's module is in SECOND (ready or not).
     pub second: bool,
-    /// The peer is a secondary synchronised with our current data generation.
+    /// The peer is a secondary synchronised with our current data generation, and the
+    /// replication stream to it is connected and caught up.
     pub second_in_sync: bool,
     /// The peer's incarnation.
     pub incarnation: Option<u64>,
@@ -153,6 +161,9 @@ pub(crate) struct Module {
     /// ALONE: it acknowledges writes alone, and those that replication could not carry here are
     /// missing from this node's data.
     pub primary_shared_seen: bool,
+    /// The replication stream to the peer is connected and caught up (last
+    /// [`crate::Input::ReplicationChanged`]; false until the first report).
+    pub replication_connected: bool,
     pub last_transition: Option<TransitionRecord>,
 }
 
@@ -188,6 +199,7 @@ impl Module {
             synced_generation: 0,
             sync_from: None,
             primary_shared_seen: false,
+            replication_connected: false,
             last_transition: None,
         }
     }
@@ -343,7 +355,8 @@ impl Module {
                 // Not `ready`: a secondary restarting its scripts stays in sync.
                 second_in_sync: peer.state == State::Second
                     && peer.synced_generation == self.record.generation
-                    && self.primary_role,
+                    && self.primary_role
+                    && self.replication_connected,
                 incarnation: context.peer_incarnation,
                 generation: peer.generation,
             },
@@ -660,10 +673,15 @@ impl Module {
                 self.plan_alone_to_prim();
             }
             State::Prim if !facts.second_in_sync => {
-                let reason = if context.peer.is_some() {
-                    "the secondary is no longer up to date"
-                } else {
-                    "the secondary is gone"
+                let reason = match context.peer {
+                    None => "the secondary is gone",
+                    Some(peer)
+                        if peer.state == State::Second
+                            && peer.synced_generation == self.record.generation =>
+                    {
+                        "the replication to the secondary is lost"
+                    }
+                    Some(_) => "the secondary is no longer up to date",
                 };
                 self.plan_prim_to_alone(reason);
             }

@@ -141,6 +141,11 @@ impl Node {
                 outcome,
             } => self.on_step_done(module, step, outcome),
             Input::LinkChanged { module, up } => self.on_link(module, up),
+            Input::ReplicationChanged { module, connected } => {
+                if let Some(module) = self.modules.get_mut(module.0) {
+                    module.replication_connected = connected;
+                }
+            }
         }
         self.update_liveness();
         self.settle();
@@ -382,6 +387,7 @@ impl Node {
                         second: peer.as_ref().is_some_and(|p| p.state == State::Second),
                         second_in_sync: peer_second_ready
                             && module.primary_role
+                            && module.replication_connected
                             && peer
                                 .as_ref()
                                 .is_some_and(|p| p.synced_generation == module.record.generation),

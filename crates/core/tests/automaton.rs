@@ -17,7 +17,7 @@ use tandem_core::{
     Claim, Command, DefaultPrimary, Input, ModuleId, ModuleSettings, Node, NodeSettings, Outcome,
     RequestId, Script, State, Time,
 };
-use tandem_sim::{ScriptRule, World, WorldConfig};
+use tandem_sim::{LinkConf, Op, ScriptRule, World, WorldConfig};
 
 fn secs(seconds: u64) -> Duration {
     Duration::from_secs(seconds)
@@ -321,12 +321,12 @@ fn prim_becomes_alone_when_the_secondary_is_lost() {
         &mut world,
         r#"
         -- crash node2
-        node1 warn: peer node2 lost: no heartbeat on any network for 2s
         node1 persist exclusive epoch 1 last_primary
         node1 state PRIM transient
         node1 script transition PRIM ALONE auto
         node1 state ALONE ready
-        node1 transition PRIM -> ALONE: the secondary is gone
+        node1 transition PRIM -> ALONE: the replication to the secondary is lost
+        node1 warn: peer node2 lost: no heartbeat on any network for 2s
         "#,
     );
 }
@@ -1002,12 +1002,12 @@ fn split_brain_heal_one_steps_down_and_is_held_until_second() {
         r#"
         -- partition node1 -> node2
         -- partition node2 -> node1
-        node1 warn: peer node2 lost: no heartbeat on any network for 2s
         node1 persist exclusive epoch 1 last_primary
         node1 state PRIM transient
         node1 script transition PRIM ALONE auto
         node1 state ALONE ready
-        node1 transition PRIM -> ALONE: the secondary is gone
+        node1 transition PRIM -> ALONE: the replication to the secondary is lost
+        node1 warn: peer node2 lost: no heartbeat on any network for 2s
         node2 warn: peer node1 lost: no heartbeat on any network for 2s
         node2 persist exclusive epoch 2 last_primary
         node2 state SECOND transient
@@ -1028,6 +1028,8 @@ fn split_brain_heal_one_steps_down_and_is_held_until_second() {
         &mut world,
         r#"
         -- heal the network
+        node1 info: peer node2 found
+        node1 persist exclusive epoch 1 last_primary
         node2 info: peer node1 found
         node2 writable off
         node2 state ALONE transient
@@ -1040,8 +1042,6 @@ fn split_brain_heal_one_steps_down_and_is_held_until_second() {
         node2 state WAIT ready
         node2 transition ALONE -> WAIT: split brain: stepping down
         node2 info: waiting: split brain with node1: waiting for the operator
-        node1 info: peer node2 found
-        node1 persist exclusive epoch 1 last_primary
         "#,
     );
     world.command(1, Command::Second);
@@ -1163,12 +1163,12 @@ fn fenced_during_a_takeover_does_not_acquire_the_vip_nor_start_the_app() {
         &mut world,
         r#"
         -- heal the network
+        node1 info: peer node2 found
+        node1 persist exclusive epoch 1 last_primary
         node2 info: peer node1 found
         node2 writable off
         node2 persist exclusive epoch 2 last_primary
         node2 error: split brain: node1 is primary too (epoch 1 against 2); this node steps down and keeps its data apart: it waits for the operator (`tandem second` to resynchronise from node1, discarding this node's divergent writes)
-        node1 info: peer node2 found
-        node1 persist exclusive epoch 1 last_primary
         node2 transition done: ok
         node2 persist stale epoch 2 last_primary
         node2 script transition SECOND WAIT auto
@@ -1803,4 +1803,178 @@ fn an_exclusive_node_does_not_start_alone_over_a_peer_last_seen_exclusive() {
     let node2 = world.module(1).unwrap();
     assert_eq!(node2.state, State::Wait, "node2 must not serve");
     assert!(!node2.primary_role);
+}
+
+// ----- replication health ---------------------------------------------------------------
+
+/// The replication stream (the channel node1 -> node2 in the simulation) fails while heartbeats
+/// go on: the primary hears of it from its replicator and goes ALONE with a new data generation;
+/// the secondary resynchronises, and the pair is PRIM/SECOND again only once the stream is back
+/// and caught up.
+#[test]
+fn replication_loss_with_heartbeats_moves_prim_to_alone_until_restored() {
+    let mut world = pair();
+    world.sync_rule(1, ScriptRule::Hold);
+    world
+        .apply(Op::SetChannel {
+            from: 0,
+            conf: LinkConf::down(),
+        })
+        .unwrap();
+    run(&mut world, secs(5));
+    expect(
+        &mut world,
+        r#"
+        -- channel node1 -> node2: down
+        node1 persist exclusive epoch 1 last_primary
+        node1 state PRIM transient
+        node1 script transition PRIM ALONE auto
+        node1 state ALONE ready
+        node1 transition PRIM -> ALONE: the replication to the secondary is lost
+        node2 persist stale epoch 0
+        node2 state SECOND transient
+        node2 sync
+        node2 persist stale epoch 0
+        "#,
+    );
+    assert_eq!(state(&world, 0), (State::Alone, true));
+    assert!(world.connected(), "heartbeats still arrive");
+    world
+        .apply(Op::SetChannel {
+            from: 0,
+            conf: LinkConf::fixed(Duration::from_millis(1)),
+        })
+        .unwrap();
+    run(&mut world, secs(1));
+    assert_eq!(state(&world, 0), (State::Alone, true));
+    assert!(world.finish_step(1, Outcome::Ok));
+    run(&mut world, secs(5));
+    expect(
+        &mut world,
+        r#"
+        -- channel node1 -> node2: loss 0‰ dup 0‰ delay 1ms..1ms
+        node2 sync done: ok
+        node2 persist shared epoch 0
+        node2 state SECOND ready
+        node2 transition SECOND -> SECOND: the primary changed
+        node1 persist shared epoch 1 last_primary
+        node1 state ALONE transient
+        node1 script transition ALONE PRIM auto
+        node1 state PRIM ready
+        node1 transition ALONE -> PRIM: the secondary is up to date
+        node2 persist shared epoch 0
+        "#,
+    );
+    assert_eq!(state(&world, 0), (State::Prim, true));
+    assert_eq!(state(&world, 1), (State::Second, true));
+}
+
+/// A secondary that the heartbeats show in SECOND, synchronised with the primary's current
+/// generation, while the replication stream is down (here its synchronisation is declared done
+/// by the test while the stream could not carry anything): the primary stays ALONE and refuses
+/// to swap; once the secondary resynchronises over a working stream, the primary goes PRIM.
+#[test]
+fn no_alone_to_prim_and_no_swap_while_the_replication_is_down() {
+    let mut world = pair();
+    world
+        .apply(Op::SetChannel {
+            from: 0,
+            conf: LinkConf::down(),
+        })
+        .unwrap();
+    world.sync_rule(
+        1,
+        ScriptRule::Take {
+            after: Duration::from_millis(100),
+            outcome: Outcome::Ok,
+        },
+    );
+    run(&mut world, secs(5));
+    expect(
+        &mut world,
+        r#"
+        -- channel node1 -> node2: down
+        node1 persist exclusive epoch 1 last_primary
+        node1 state PRIM transient
+        node1 script transition PRIM ALONE auto
+        node1 state ALONE ready
+        node1 transition PRIM -> ALONE: the replication to the secondary is lost
+        node2 persist stale epoch 0
+        node2 state SECOND transient
+        node2 sync
+        node2 persist stale epoch 0
+        node2 sync done: ok
+        node2 persist shared epoch 0
+        node2 state SECOND ready
+        node2 transition SECOND -> SECOND: the primary changed
+        "#,
+    );
+    assert_eq!(state(&world, 0), (State::Alone, true));
+    assert_eq!(state(&world, 1), (State::Second, true));
+    let (primary, secondary) = (world.module(0).unwrap(), world.module(1).unwrap());
+    assert_eq!(secondary.synced_generation, primary.generation);
+    world.command(1, Command::Swap);
+    world.command(0, Command::Swap);
+    run(&mut world, secs(10));
+    expect(
+        &mut world,
+        r#"
+        node2 command swap: ok: asked the primary to swap roles
+        node1 command swap: refused: swap needs PRIM and SECOND, both ready (local ALONE, peer SECOND)
+        node1 warn: swap abandoned: the peer is not an up-to-date secondary
+        "#,
+    );
+    assert_eq!(state(&world, 0), (State::Alone, true));
+    // The stream works again, but the secondary never received the data: still ALONE until it
+    // resynchronises (here the operator restarts it).
+    world
+        .apply(Op::SetChannel {
+            from: 0,
+            conf: LinkConf::fixed(Duration::from_millis(1)),
+        })
+        .unwrap();
+    run(&mut world, secs(5));
+    assert_eq!(state(&world, 0), (State::Alone, true));
+    world.command(1, Command::Stop);
+    run(&mut world, secs(5));
+    world.command(1, Command::Start);
+    run(&mut world, secs(10));
+    expect(
+        &mut world,
+        r#"
+        -- channel node1 -> node2: loss 0‰ dup 0‰ delay 1ms..1ms
+        node2 command stop: ok: stopping
+        node2 state SECOND transient
+        node2 persist stale epoch 0
+        node2 script stop_second SECOND WAIT stop
+        node2 script transition SECOND WAIT stop
+        node2 script poststop WAIT STOP stop
+        node2 script transition WAIT STOP stop
+        node2 state STOP ready
+        node2 transition SECOND -> STOP: stop requested
+        node2 command start: ok: starting
+        node2 state WAIT transient
+        node2 script transition STOP WAIT start
+        node2 script prestart STOP WAIT start
+        node2 state WAIT ready
+        node2 transition STOP -> WAIT: start
+        node2 persist stale epoch 0
+        node2 state WAIT transient
+        node2 script transition WAIT SECOND start
+        node2 state SECOND transient
+        node2 script start_second WAIT SECOND start
+        node2 sync
+        node2 persist shared epoch 0
+        node2 state SECOND ready
+        node2 transition WAIT -> SECOND: the peer is primary
+        node1 persist shared epoch 1 last_primary
+        node1 state ALONE transient
+        node1 script transition ALONE PRIM auto
+        node1 state PRIM ready
+        node1 transition ALONE -> PRIM: the secondary is up to date
+        node2 persist shared epoch 0
+        "#,
+    );
+    assert_eq!(state(&world, 0), (State::Prim, true));
+    assert_eq!(state(&world, 1), (State::Second, true));
 }

@@ -88,6 +88,16 @@ fn smoke() {
         queue: VecDeque::new(),
         log: vec![],
     };
+    // No replication here: both streams count as connected.
+    for node in 0..2 {
+        pair.queue.push_back((
+            node,
+            Input::ReplicationChanged {
+                module: ModuleId(0),
+                connected: true,
+            },
+        ));
+    }
     pair.queue.push_back((
         0,
         Input::Command {

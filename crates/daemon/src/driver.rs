@@ -346,6 +346,15 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         last_heard: vec![None; n_networks],
     };
 
+    // The daemon has no replication yet: every module's replication stream counts as connected,
+    // so that the secondary's snapshots alone decide whether it is up to date (as before the
+    // input existed). The replicator will drive `ReplicationChanged` once it is wired in.
+    for index in 0..n_modules {
+        driver.input(Input::ReplicationChanged {
+            module: ModuleId(index),
+            connected: true,
+        });
+    }
     if config.daemon.autostart {
         for index in 0..n_modules {
             driver.command(ModuleId(index), Command::Start, None);

@@ -123,6 +123,8 @@ pub enum InputSummary {
     },
     /// `Input::LinkChanged`.
     Link,
+    /// `Input::ReplicationChanged`.
+    Replication,
 }
 
 impl InputSummary {
@@ -138,6 +140,7 @@ impl InputSummary {
                 failed: *outcome != Outcome::Ok,
             },
             Input::LinkChanged { .. } => InputSummary::Link,
+            Input::ReplicationChanged { .. } => InputSummary::Replication,
         }
     }
 }

@@ -31,11 +31,19 @@
 //!   synchronisation completed (blocked, not acknowledged, when the claim is `shared` and the
 //!   mirror is unreachable; acknowledged alone when it is `exclusive`), full copies by `SyncData`
 //!   (a random synchronisation whose source is not primary and reachable at its end fails), and
-//!   what each core can know of the acknowledged writes (causal order through snapshots).
+//!   what each core can know of the acknowledged writes (causal order through snapshots);
+//! - the health of the replication stream (`Input::ReplicationChanged`, see
+//!   `World::update_replication`): the channel primary -> secondary stands for the stream; it is
+//!   reported connected as soon as the peer is a mirror of the primary's tenure, the channel is up
+//!   and no recorded write remains undelivered, and lost after a random detection delay of 1 ms
+//!   up to the heartbeat timeout once the channel goes down or the peer stops being a mirror
+//!   (leaves SECOND, crashes), at once when a write is acknowledged alone that the mirror has
+//!   not received;
 //!
 //! **Not simulated:** the replication protocol itself (writes are instants, a resynchronisation is
 //! a copy at the instant it ends, recorded changes reach a mirror at once when the channel comes
-//! back), a witness, several modules per node, a daemon
+//! back; the replicator's acknowledgements, sequence numbers and timeouts are reduced to the
+//! connected/lost reports above), a witness, several modules per node, a daemon
 //! crash that leaves the application, the VIP or the writable mount behind (a crash is a power
 //! loss), clock drift (both nodes' clocks advance at the same rate), script output.
 //!

@@ -242,6 +242,22 @@ enum Event {
     Unfreeze(usize),
     /// Application writes on the writable nodes (data model).
     Write,
+    /// The replicator of a node reports the health of its replication stream.
+    Replication {
+        node: usize,
+        incarnation: u64,
+        connected: bool,
+    },
+}
+
+/// What the core of one node was told, and will be told, about its replication stream (see
+/// [`World::update_replication`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct ReplicationReport {
+    /// The last value delivered to the core (a new core starts with `false`).
+    reported: bool,
+    /// A report on its way (its event and value).
+    pending: Option<(EventKey, bool)>,
 }
 
 /// Two nodes, a network, a clock.
@@ -254,6 +270,10 @@ pub struct World {
     network: Network,
     checker: Checker,
     data: Data,
+    replication: [ReplicationReport; 2],
+    /// Detection delays of replication loss (a generator of its own, so that the rest of a seed
+    /// is not changed by them).
+    replication_rng: Rng,
     trace: Trace,
     rng: Rng,
     next_request: u64,
@@ -283,6 +303,7 @@ impl World {
         let mut data = Data::new(config.seed);
         let mut queue = EventQueue::new();
         queue.schedule(Time::ZERO.plus(data.next_gap()), Event::Write);
+        let replication_rng = Rng::new(config.seed ^ 0x4E91_0000_0000_0005);
         let mut world = World {
             config,
             now: Time::ZERO,
@@ -291,6 +312,8 @@ impl World {
             network,
             checker,
             data,
+            replication: [ReplicationReport::default(); 2],
+            replication_rng,
             trace,
             rng,
             next_request: 1,
@@ -474,6 +497,7 @@ impl World {
                 ));
             }
         }
+        self.update_replication();
         self.result()
     }
 
@@ -565,9 +589,14 @@ impl World {
         }
         self.hosts[node].crash();
         self.data.crashed(node);
+        if let Some((key, _)) = self.replication[node].pending.take() {
+            self.queue.cancel(key);
+        }
+        self.replication[node].reported = false;
         self.checker.node_crashed(node, self.now);
         self.op_line(format!("crash {}", self.hosts[node].name));
         self.check_pair();
+        self.update_replication();
     }
 
     /// Restarts the daemon of a crashed node.
@@ -647,6 +676,7 @@ impl World {
             self.op_line(format!("partition {}", self.direction(from)));
             self.network.set_direction(from, LinkConf::down());
         }
+        self.update_replication();
     }
 
     /// Every link back to the initial configuration.
@@ -655,6 +685,7 @@ impl World {
         for from in 0..2 {
             self.network.set_direction(from, self.config.link);
         }
+        self.update_replication();
     }
 
     /// Ends the held or running call of `script` on `node` now with `outcome`.
@@ -838,7 +869,39 @@ impl World {
             }
             Event::Unfreeze(node) => self.thaw(node),
             Event::Write => self.write_round(),
+            Event::Replication {
+                node,
+                incarnation,
+                connected,
+            } => {
+                let host = &self.hosts[node];
+                if host.incarnation != incarnation || !host.up() {
+                    return;
+                }
+                self.replication[node] = ReplicationReport {
+                    reported: connected,
+                    pending: None,
+                };
+                if self.trace.wants(Kind::Net) {
+                    let text = format!(
+                        "{} replication {}",
+                        self.hosts[node].name,
+                        if connected { "connected" } else { "lost" }
+                    );
+                    self.record(Kind::Net, text, false);
+                }
+                self.input(
+                    node,
+                    Input::ReplicationChanged {
+                        module: ModuleId(0),
+                        connected,
+                    },
+                    None,
+                    None,
+                );
+            }
         }
+        self.update_replication();
     }
 
     fn deliver(&mut self, packet: Packet) {
@@ -880,6 +943,17 @@ impl World {
     /// Hands an input to a node (or to its backlog while frozen); a snapshot comes with what its
     /// sender knew of acknowledged writes.
     fn input(&mut self, node: usize, input: Input, sent_at: Option<Time>, known: Option<[u64; 2]>) {
+        self.handle_input(node, input, sent_at, known);
+        self.update_replication();
+    }
+
+    fn handle_input(
+        &mut self,
+        node: usize,
+        input: Input,
+        sent_at: Option<Time>,
+        known: Option<[u64; 2]>,
+    ) {
         if self.violation.is_some() {
             return;
         }
@@ -968,6 +1042,67 @@ impl World {
             Link::Up
         } else {
             Link::Down
+        }
+    }
+
+    /// Drives `Input::ReplicationChanged` from the simulated replication stream, as the
+    /// replicator of the daemon will: the stream of `node` is *connected* while `node` holds the
+    /// primary role, its peer is a mirror of this role tenure (its synchronisation completed
+    /// while `node` was primary in this epoch, and it is still in SECOND and up), the channel
+    /// `node` -> peer is up, and no write recorded for the mirror remains undelivered.
+    ///
+    /// Becoming connected is reported at once (the replicator sees the acknowledgement of the
+    /// last mutation it sent). A loss of the stream (the channel goes down, the peer stops being
+    /// a mirror: leaves SECOND, crashes) is reported after a detection delay drawn uniformly
+    /// from 1 ms to the heartbeat timeout: a failed connection is seen at once, a silent one
+    /// when an acknowledgement does not arrive within the replication timeout, which is no
+    /// longer than the heartbeat timeout. A loss that heals before it is reported (the
+    /// acknowledgements resume) is not reported at all. A write acknowledged alone (ALONE) that
+    /// the mirror has not received is reported at once: the replicator completed it without the
+    /// mirror's acknowledgement, so it knows that it is not caught up.
+    fn update_replication(&mut self) {
+        for node in 0..2 {
+            if !self.hosts[node].up() {
+                continue;
+            }
+            let behind = !self.data.pending[1 - node].is_empty();
+            let connected = self.link_from(node) == Link::Up && !behind;
+            let report = self.replication[node];
+            let expected = report.pending.map_or(report.reported, |(_, value)| value);
+            // A loss already on its way is reported sooner once a write is acknowledged alone.
+            let sooner = !connected
+                && behind
+                && report
+                    .pending
+                    .is_some_and(|(key, value)| !value && key.at() > self.now);
+            if connected == expected && !sooner {
+                continue;
+            }
+            if let Some((key, _)) = report.pending {
+                self.queue.cancel(key);
+            }
+            if connected == report.reported {
+                self.replication[node].pending = None;
+                continue;
+            }
+            let at = if connected || behind {
+                self.now
+            } else {
+                let delay = self
+                    .replication_rng
+                    .duration(Duration::from_millis(1), self.config.timeout);
+                self.now.plus(delay)
+            };
+            let incarnation = self.hosts[node].incarnation;
+            let key = self.queue.schedule(
+                at,
+                Event::Replication {
+                    node,
+                    incarnation,
+                    connected,
+                },
+            );
+            self.replication[node].pending = Some((key, connected));
         }
     }
 
