@@ -346,7 +346,16 @@ impl Module {
 
     /// Plans the next transition, if any. Called only when no plan runs.
     pub(crate) fn peer_facts(&self, context: &Context<'_>) -> PeerFacts {
-        match context.peer {
+        self.facts_about(context.peer, context.peer_incarnation)
+    }
+
+    /// The facts about a peer module (`None`: not reachable or not running the module).
+    pub(crate) fn facts_about(
+        &self,
+        peer: Option<&ModuleSnapshot>,
+        peer_incarnation: Option<u64>,
+    ) -> PeerFacts {
+        match peer {
             None => PeerFacts::default(),
             Some(peer) => PeerFacts {
                 running: true,
@@ -357,7 +366,7 @@ impl Module {
                     && peer.synced_generation == self.record.generation
                     && self.primary_role
                     && self.replication_connected,
-                incarnation: context.peer_incarnation,
+                incarnation: peer_incarnation,
                 generation: peer.generation,
             },
         }

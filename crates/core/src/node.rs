@@ -6,7 +6,7 @@ use crate::io::{
     Action, Command, Effect, Input, Level, ModuleId, Outcome, Persisted, RequestId, Script,
     ScriptCall, StepId, earliest,
 };
-use crate::module::{Goal, Module, PeerFacts, Step};
+use crate::module::{Goal, Module, Step};
 use crate::policy::{self, Preference};
 use crate::settings::NodeSettings;
 use crate::status::{ModuleStatus, NodeStatus, PeerStatus, TransitionRecord};
@@ -381,19 +381,9 @@ impl Node {
                     if had_step {
                         self.out.push(Effect::AbortScripts { module: id });
                     }
-                    let facts = PeerFacts {
-                        running: peer.is_some(),
-                        primary: peer_primary,
-                        second: peer.as_ref().is_some_and(|p| p.state == State::Second),
-                        second_in_sync: peer_second_ready
-                            && module.primary_role
-                            && module.replication_connected
-                            && peer
-                                .as_ref()
-                                .is_some_and(|p| p.synced_generation == module.record.generation),
-                        incarnation: None,
-                        generation: peer.as_ref().map(|p| p.generation).unwrap_or(0),
-                    };
+                    let mut facts = module.facts_about(peer.as_ref(), None);
+                    // A forced stop counts the peer as in sync only when it is also ready.
+                    facts.second_in_sync &= peer_second_ready;
                     module.plan_stop(true, Action::Stop, "forcestop", facts);
                     Ok("stopping at once".into())
                 }
@@ -587,7 +577,7 @@ impl Node {
             && module
                 .started_at
                 .is_none_or(|started| now.since(started) >= timeout);
-        let facts_now = module.peer_facts(&policy::Context {
+        let context = policy::Context {
             startup_over,
             peer_view_settled: node_startup_over,
             local_name: &local_name,
@@ -600,7 +590,8 @@ impl Node {
             my_incarnation,
             peer_max_epoch,
             peer_max_generation,
-        });
+        };
+        let facts_now = module.peer_facts(&context);
 
         // Split brain: both hold the primary role while connected. The deterministic loser
         // fences at once, before anything else happens.
@@ -649,37 +640,10 @@ impl Node {
         );
 
         if module.current.is_none() && module.plan.is_empty() {
-            let context = policy::Context {
-                startup_over,
-                peer_view_settled: node_startup_over,
-                local_name: &local_name,
-                peer_name: &peer_name,
-                peer: peer.as_ref(),
-                peer_stopped: peer_stopped.as_ref(),
-                peer_last: peer_last.as_ref(),
-                peer_incarnation,
-                peer_alive: self_peer_alive,
-                my_incarnation,
-                peer_max_epoch,
-                peer_max_generation,
-            };
             module.decide(&context, &mut logs, &mut effects);
         }
 
-        let facts = module.peer_facts(&policy::Context {
-            startup_over,
-            peer_view_settled: node_startup_over,
-            local_name: &local_name,
-            peer_name: &peer_name,
-            peer: peer.as_ref(),
-            peer_stopped: peer_stopped.as_ref(),
-            peer_last: peer_last.as_ref(),
-            peer_incarnation,
-            peer_alive: self_peer_alive,
-            my_incarnation,
-            peer_max_epoch,
-            peer_max_generation,
-        });
+        let facts = module.peer_facts(&context);
         let progressed_step =
             module.advance(&mut self.next_step, now, facts, &mut effects, &mut logs);
         // What this node learned about the peer, and a split-brain hold, survive a restart.
