@@ -860,19 +860,7 @@ impl Module {
             state: from,
             ready: false,
         });
-        self.script(Script::Transition, from, State::Alone, action);
-        self.plan.push_back(Step::AcquireVips);
-        self.plan.push_back(Step::Unfence);
-        self.script(Script::StartPrim, from, State::Alone, action);
-        self.plan.push_back(Step::Enter {
-            state: State::Alone,
-            ready: true,
-        });
-        self.plan.push_back(Step::Finish {
-            from,
-            to: State::Alone,
-            reason: reason.into(),
-        });
+        self.plan_enter_alone(from, action, reason);
     }
 
     fn plan_takeover(&mut self, action: Action, reason: &str) {
@@ -884,6 +872,11 @@ impl Module {
         if self.app == Some(Script::StartSecond) {
             self.script(Script::StopSecond, from, State::Alone, action);
         }
+        self.plan_enter_alone(from, action, reason);
+    }
+
+    /// The common end of every promotion: transition, VIPs, writes allowed, then the application.
+    fn plan_enter_alone(&mut self, from: State, action: Action, reason: &str) {
         self.script(Script::Transition, from, State::Alone, action);
         self.plan.push_back(Step::AcquireVips);
         self.plan.push_back(Step::Unfence);
