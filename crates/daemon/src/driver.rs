@@ -905,7 +905,13 @@ fn open_logs(
         .collect()
 }
 
-fn script_env(config: &Config, module: &ModuleConfig, node: &str, peer: &str) -> ScriptEnv {
+/// The environment of a module's scripts (the per-call state variables come with each call).
+pub(crate) fn script_env(
+    config: &Config,
+    module: &ModuleConfig,
+    node: &str,
+    peer: &str,
+) -> ScriptEnv {
     let binary_dir = std::env::current_exe()
         .ok()
         .and_then(|path| path.parent().map(PathBuf::from))

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tandem_config::Config;
-use tandem_scripts::{AppLog, Level, ModuleLog, ScriptEnv, ScriptRequest, ScriptRunner};
+use tandem_scripts::{AppLog, Level, ModuleLog, ScriptRequest, ScriptRunner};
 use tandem_vip::{VipManager, VipSpec};
 
 /// The daemon's end of the guard.
@@ -110,23 +110,12 @@ fn fence(config: &Config, node: &str) -> Result<()> {
             if held {
                 let app = AppLog::open(directory.join("app.log"))
                     .with_context(|| format!("cannot open {}", directory.display()))?;
-                let runner = ScriptRunner::new(
-                    ScriptEnv {
-                        scripts_dir: module.scripts_dir.clone(),
-                        vars: vec![
-                            ("TANDEM_MODULE".into(), module.name().into()),
-                            ("TANDEM_NODE".into(), node.into()),
-                            ("TANDEM_CONFIG".into(), config.path.display().to_string()),
-                            (
-                                "TANDEM_MODULE_DIR".into(),
-                                module.scripts_dir.display().to_string(),
-                            ),
-                            ("TANDEM_LOG_DIR".into(), directory.display().to_string()),
-                            ("TANDEM_STATE".into(), "PRIM".into()),
-                        ],
-                    },
-                    app,
-                );
+                let peer = config
+                    .peer_of(node)
+                    .map(|peer| peer.name.clone())
+                    .unwrap_or_default();
+                let runner =
+                    ScriptRunner::new(crate::driver::script_env(config, module, node, &peer), app);
                 let report = runner
                     .run(ScriptRequest {
                         name: "stop_prim".into(),
