@@ -124,7 +124,11 @@ fn fence(config: &Config, node: &str) -> Result<()> {
                             .settings
                             .force_stop_timeout
                             .max(Duration::from_secs(1)),
-                        vars: Vec::new(),
+                        vars: vec![
+                            ("TANDEM_STATE".into(), "PRIM".into()),
+                            ("TANDEM_NEXT_STATE".into(), "STOP".into()),
+                            ("TANDEM_ACTION".into(), "stop".into()),
+                        ],
                     })
                     .await;
                 write(
