@@ -569,6 +569,21 @@ fn the_interactive_demo_tears_everything_down_on_ctrl_c() {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
+    // If the test fails before the demo has ended, stop it and remove its lab anyway.
+    // (`Child::kill` does nothing once the child has been waited for: no PID reuse hazard.)
+    struct DemoGuard(std::process::Child);
+    impl Drop for DemoGuard {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            if Path::new("/run/tandem-lab/demo").exists() {
+                let _ = std::process::Command::new(binary())
+                    .args(["demo", "down"])
+                    .status();
+            }
+        }
+    }
+    let mut guard = DemoGuard(child);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     // Keep reading until the end, so the demo can print while it shuts down.
     let reader = std::thread::spawn(move || {
@@ -587,8 +602,8 @@ fn the_interactive_demo_tears_everything_down_on_ctrl_c() {
         .recv_timeout(Duration::from_secs(120))
         .expect("the demo did not come up");
     // SAFETY: kill(2) of the child this test spawned.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-    let status = child.wait().unwrap();
+    unsafe { libc::kill(guard.0.id() as libc::pid_t, libc::SIGINT) };
+    let status = guard.0.wait().unwrap();
     let output = reader.join().unwrap();
     assert!(status.success(), "{output}");
     assert!(output.contains("demo lab removed"), "{output}");
