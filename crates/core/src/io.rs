@@ -211,7 +211,11 @@ pub enum Input {
     ///
     /// A primary counts its peer as an up-to-date secondary only while the replication is
     /// connected: without it, PRIM goes ALONE (a new data generation, so the secondary
-    /// resynchronises), and neither ALONE -> PRIM nor a swap happens.
+    /// resynchronises), and neither ALONE -> PRIM nor a swap happens. Lost while ALONE after it
+    /// was connected (a secondary synchronised meanwhile), ALONE starts a new data generation
+    /// too. The replicator holds the writes it could not replicate until the new generation is
+    /// persisted (a [`Effect::Persist`] with a higher generation and the `exclusive` claim), and
+    /// only then records them locally and acknowledges them.
     ReplicationChanged {
         /// The module.
         module: ModuleId,

@@ -164,6 +164,11 @@ pub(crate) struct Module {
     /// The replication stream to the peer is connected and caught up (last
     /// [`crate::Input::ReplicationChanged`]; false until the first report).
     pub replication_connected: bool,
+    /// The replication was lost while ALONE with a secondary synchronised with the current
+    /// generation: a new generation must be persisted before writes are recorded locally.
+    pub new_generation_due: bool,
+    /// The data generation when the replication was last reported connected.
+    pub connected_generation: Option<u64>,
     pub last_transition: Option<TransitionRecord>,
 }
 
@@ -200,6 +205,8 @@ impl Module {
             sync_from: None,
             primary_shared_seen: false,
             replication_connected: false,
+            new_generation_due: false,
+            connected_generation: None,
             last_transition: None,
         }
     }
@@ -678,6 +685,19 @@ impl Module {
             return;
         }
         match self.state {
+            State::Alone if self.new_generation_due => {
+                // The replication to a secondary that synchronised with the current generation
+                // was lost while this node was still ALONE: writes it acknowledges from now on
+                // are missing there, so they belong to a new generation, persisted before the
+                // replicator may record them locally (the secondary then resynchronises).
+                self.new_generation_due = false;
+                logs.push((
+                    Level::Info,
+                    "the replication to the secondary is lost: new data generation".into(),
+                ));
+                self.plan.push_back(Step::NewGeneration);
+                self.plan.push_back(Step::SetClaim(Claim::Exclusive));
+            }
             State::Alone if facts.second_in_sync => {
                 self.plan_alone_to_prim();
             }
@@ -956,6 +976,7 @@ impl Module {
     }
 
     fn plan_prim_to_alone(&mut self, reason: &str) {
+        self.new_generation_due = false;
         // The exclusive claim and a new data generation are persisted before any write is
         // acknowledged alone: the secondary, if it comes back, sees the new generation and
         // resynchronises before the pair is PRIM/SECOND again.

@@ -143,6 +143,15 @@ impl Node {
             Input::LinkChanged { module, up } => self.on_link(module, up),
             Input::ReplicationChanged { module, connected } => {
                 if let Some(module) = self.modules.get_mut(module.0) {
+                    if connected {
+                        module.connected_generation = Some(module.record.generation);
+                    } else if module.replication_connected
+                        && module.state == State::Alone
+                        && module.primary_role
+                        && module.connected_generation == Some(module.record.generation)
+                    {
+                        module.new_generation_due = true;
+                    }
                     module.replication_connected = connected;
                 }
             }

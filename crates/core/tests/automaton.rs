@@ -1176,6 +1176,9 @@ fn fenced_during_a_takeover_does_not_acquire_the_vip_nor_start_the_app() {
         node2 transition SECOND -> WAIT: split brain: stepping down
         node2 info: waiting: split brain with node1: waiting for the operator
         node1 persist exclusive epoch 1 last_primary
+        node1 persist exclusive epoch 1 last_primary
+        node1 info: the replication to the secondary is lost: new data generation
+        node2 persist stale epoch 2 last_primary
         "#,
     );
 }

@@ -124,6 +124,11 @@ impl Shared {
         }
     }
 
+    /// The `seq` the next mutation gets.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.seq.load(Ordering::Relaxed) + 1
+    }
+
     pub(crate) fn mode(&self) -> Mode {
         *read(&self.gate)
     }

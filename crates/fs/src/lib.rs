@@ -218,6 +218,28 @@ pub struct Stats {
     pub open_files: usize,
 }
 
+/// A frozen mount (see [`Mount::freeze`]); unfreezes when dropped.
+pub struct Frozen<'m> {
+    _gate: RwLockWriteGuard<'m, Mode>,
+    shared: &'m fs::Shared,
+}
+
+impl Frozen<'_> {
+    /// The `seq` the next admitted mutation will get: every mutation below it has been applied
+    /// locally, none at or above it has been admitted.
+    pub fn next_seq(&self) -> u64 {
+        self.shared.next_seq()
+    }
+}
+
+impl std::fmt::Debug for Frozen<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Frozen")
+            .field("next_seq", &self.next_seq())
+            .finish()
+    }
+}
+
 /// A mounted replicating filesystem. Dropping it unmounts (errors are logged).
 pub struct Mount {
     path: PathBuf,
@@ -377,6 +399,19 @@ impl Mount {
     /// mode is still being applied locally.
     pub fn set_mode(&self, mode: Mode) {
         self.shared.set_mode(mode);
+    }
+
+    /// Freezes the tree: waits until every mutation admitted so far has been applied locally and
+    /// holds back new ones (their callers wait) until the returned guard is dropped. Meanwhile
+    /// the backing directory does not change through the mount, so it can be copied as a
+    /// consistent whole (the full synchronisation of a secondary); reads go on. Do not call
+    /// [`Mount::set_mode`] on the same thread while frozen.
+    pub fn freeze(&self) -> Frozen<'_> {
+        let gate = write(&self.shared.gate);
+        Frozen {
+            _gate: gate,
+            shared: &self.shared,
+        }
     }
 
     /// The handle to the underlying directory (`O_PATH`), opened before mounting: the way to

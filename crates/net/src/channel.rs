@@ -50,6 +50,7 @@ use futures::{SinkExt, StreamExt};
 use snow::params::NoiseParams;
 use snow::{Builder, StatelessTransportState};
 use tandem_proto::{ChannelMessage, PROTOCOL_VERSION};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
@@ -110,6 +111,8 @@ pub(crate) struct Setup {
     psk: [u8; 32],
     params: NoiseParams,
     dial: bool,
+    /// Where accepted replication connections go (see [`crate::REPLICATION_MAGIC`]).
+    pub(crate) replication: Option<std::sync::mpsc::SyncSender<crate::ReplicationStream>>,
 }
 
 impl std::fmt::Debug for Setup {
@@ -147,6 +150,7 @@ impl Setup {
             psk: blake3::derive_key(PSK_CONTEXT, &config.cluster_secret),
             params,
             dial: config.local_name < config.peer_name,
+            replication: None,
         })
     }
 
@@ -451,6 +455,51 @@ fn hello(setup: &Setup) -> ChannelMessage {
     }
 }
 
+/// Tells a replication connection (it starts with [`crate::REPLICATION_MAGIC`]) from a channel
+/// connection: the former is handed to the replication adapter, magic consumed (`None`); the
+/// latter is returned for the channel handshake. Nothing is consumed from a channel connection.
+async fn classify(
+    mut stream: TcpStream,
+    from: SocketAddr,
+    setup: &Setup,
+) -> Result<Option<TcpStream>, HandshakeError> {
+    let magic = &crate::REPLICATION_MAGIC;
+    let mut buffer = [0u8; 8];
+    loop {
+        let n = stream.peek(&mut buffer).await.map_err(HandshakeError::Io)?;
+        if n == 0 || buffer[..n] != magic[..n] {
+            return Ok(Some(stream));
+        }
+        if n == magic.len() {
+            break;
+        }
+        // A prefix of the magic so far: wait for the rest (bounded by the handshake timeout).
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    stream
+        .read_exact(&mut buffer)
+        .await
+        .map_err(HandshakeError::Io)?;
+    let Some(sink) = &setup.replication else {
+        return Err(HandshakeError::Garbage(
+            "replication connection, but this node does not replicate".into(),
+        ));
+    };
+    let stream = stream
+        .into_std()
+        .and_then(|stream| stream.set_nonblocking(false).map(|()| stream))
+        .map_err(HandshakeError::Io)?;
+    if sink
+        .try_send(crate::ReplicationStream { stream, from })
+        .is_err()
+    {
+        return Err(HandshakeError::Garbage(
+            "replication connection refused: too many waiting".into(),
+        ));
+    }
+    Ok(None)
+}
+
 /// The accepting side of the handshake (Noise responder).
 async fn respond(
     stream: TcpStream,
@@ -681,7 +730,8 @@ pub(crate) struct Channel {
     reporter: Arc<Reporter>,
 }
 
-type AcceptResult = (SocketAddr, Result<Established, HandshakeError>);
+/// `Ok(None)`: the connection was a replication connection, handed over.
+type AcceptResult = (SocketAddr, Result<Option<Established>, HandshakeError>);
 
 impl Channel {
     pub(crate) fn new(
@@ -729,7 +779,7 @@ impl Channel {
                     // simply freed.
                     if let Ok((from, result)) = joined {
                         match result {
-                            Ok(established) => {
+                            Ok(Some(established)) => {
                                 if !self
                                     .install(established, &mut current, &mut connection, &shutdown)
                                     .await
@@ -738,6 +788,7 @@ impl Channel {
                                 }
                                 backoff = BACKOFF_MIN;
                             }
+                            Ok(None) => {}
                             Err(error) => self.report(from, &error),
                         }
                     }
@@ -807,9 +858,14 @@ impl Channel {
         }
         let setup = Arc::clone(&self.setup);
         accepting.spawn(async move {
-            let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, respond(stream, from, &setup))
-                .await
-                .unwrap_or(Err(HandshakeError::Timeout));
+            let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+                match classify(stream, from, &setup).await? {
+                    Some(stream) => respond(stream, from, &setup).await.map(Some),
+                    None => Ok(None),
+                }
+            })
+            .await
+            .unwrap_or(Err(HandshakeError::Timeout));
             (from, result)
         });
     }

@@ -153,6 +153,24 @@ pub enum NetError {
     Noise(String),
 }
 
+/// The first bytes a replication connection sends on the channel port (TCP 9020 by default):
+/// the channel's listener hands such connections, these bytes consumed, to the replication
+/// adapter ([`Net::take_replication_streams`]) instead of the channel handshake. The
+/// replication connection authenticates on its own (`tandem-replica`'s transport).
+pub const REPLICATION_MAGIC: [u8; 8] = *b"TNDMREPL";
+
+/// Accepted replication connections waiting at most for the replication adapter.
+const REPLICATION_BACKLOG: usize = 8;
+
+/// An accepted replication connection (not yet authenticated), in blocking mode.
+#[derive(Debug)]
+pub struct ReplicationStream {
+    /// The connection, after [`REPLICATION_MAGIC`].
+    pub stream: std::net::TcpStream,
+    /// Where it came from.
+    pub from: SocketAddr,
+}
+
 /// The running networking adapter.
 ///
 /// Dropping it stops its tasks (they are aborted; sockets close shortly after). [`Net::stop`]
@@ -163,6 +181,7 @@ pub struct Net {
     outbox: Arc<channel::Outbox>,
     cancel: CancellationToken,
     tasks: JoinSet<()>,
+    replication: std::sync::Mutex<Option<std::sync::mpsc::Receiver<ReplicationStream>>>,
 }
 
 impl Net {
@@ -177,7 +196,9 @@ impl Net {
         shutdown: CancellationToken,
     ) -> Result<Net, NetError> {
         validate(&config)?;
-        let setup = channel::Setup::new(&config)?;
+        let mut setup = channel::Setup::new(&config)?;
+        let (replication_tx, replication_rx) = std::sync::mpsc::sync_channel(REPLICATION_BACKLOG);
+        setup.replication = Some(replication_tx);
         let heartbeats = heartbeat::Heartbeats::bind(&config, incarnation).await?;
         let listener = setup.listen()?;
 
@@ -193,6 +214,7 @@ impl Net {
             outbox,
             cancel,
             tasks,
+            replication: std::sync::Mutex::new(Some(replication_rx)),
         })
     }
 
@@ -207,6 +229,16 @@ impl Net {
     /// `Snapshot` is replaced by a newer one; when the queue is full the oldest is dropped.
     pub fn send_channel(&self, message: ChannelMessage) {
         self.outbox.push(message);
+    }
+
+    /// The replication connections accepted on the channel port (see [`REPLICATION_MAGIC`]);
+    /// `Some` on the first call only. While nobody takes them, at most a few wait, later ones
+    /// are closed.
+    pub fn take_replication_streams(&self) -> Option<std::sync::mpsc::Receiver<ReplicationStream>> {
+        self.replication
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     /// Stops all tasks and waits for them to end, so that the sockets are closed on return.

@@ -695,3 +695,58 @@ async fn unauthenticated_connections_are_limited() {
     cluster.wait_channel_up().await;
     cluster.exchange_channel_messages().await;
 }
+
+/// A connection that starts with the replication magic is handed over (magic consumed, the rest
+/// intact) instead of going through the channel handshake; the channel keeps working, and one
+/// that merely starts like the magic still goes to the channel handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_connections_are_handed_over() {
+    let test = 9;
+    let mut cluster = Cluster::with_both(test, [b"secret", b"secret"]).await;
+    cluster.wait_channel_up().await;
+    let streams = cluster.nets[1]
+        .as_ref()
+        .and_then(Net::take_replication_streams)
+        .expect("replication streams of node2");
+    assert!(
+        cluster.nets[1]
+            .as_ref()
+            .and_then(Net::take_replication_streams)
+            .is_none(),
+        "taken once only"
+    );
+
+    let mut client = tcp_from(ip(0, test, 3), channel_addr(test, 1)).await;
+    // The magic in two pieces: the listener waits for the whole of it.
+    client
+        .write_all(&tandem_net::REPLICATION_MAGIC[..3])
+        .await
+        .expect("write");
+    client.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    client
+        .write_all(&tandem_net::REPLICATION_MAGIC[3..])
+        .await
+        .expect("write");
+    client.write_all(b"payload").await.expect("write");
+    let handed = tokio::task::spawn_blocking(move || streams.recv_timeout(DEADLINE))
+        .await
+        .expect("join")
+        .expect("a replication stream");
+    assert_eq!(handed.from.ip(), ip(0, test, 3));
+    let mut stream = handed.stream;
+    let mut payload = [0u8; 7];
+    std::io::Read::read_exact(&mut stream, &mut payload).expect("read payload");
+    assert_eq!(&payload, b"payload");
+
+    // A near miss is channel garbage, refused as such.
+    let mut near = tcp_from(ip(0, test, 4), channel_addr(test, 1)).await;
+    near.write_all(b"TNDMxxxxxxxx").await.expect("write");
+    cluster
+        .wait_for("the near miss refused", |log| {
+            log.iter()
+                .any(|(node, event)| *node == 1 && matches!(event, NetEvent::Refused { .. }))
+        })
+        .await;
+    cluster.exchange_channel_messages().await;
+}
