@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::persist::StateDir;
+use crate::replication::{Replication, ReplicationEvent};
 
 /// How the daemon is started.
 #[derive(Clone, Debug)]
@@ -108,6 +109,7 @@ struct Driver {
     tasks: TaskTracker,
     channel_up: bool,
     last_heard: Vec<Option<Instant>>,
+    replication: Replication,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT (modules are stopped first) or a fatal error.
@@ -152,7 +154,7 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
     }
 
     let origin = boottime_nanos();
-    let node = Node::new(settings, records, incarnation, Time(0));
+    let node = Node::new(settings, records.clone(), incarnation, Time(0));
 
     let shutdown = CancellationToken::new();
     let (net_events, mut net_rx) = mpsc::channel(1024);
@@ -173,6 +175,18 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
     let net = Net::start(net_config, incarnation, net_events, shutdown.clone())
         .await
         .context("cannot start node-to-node networking")?;
+    let (replication_tx, mut replication_rx) = mpsc::unbounded_channel();
+    let peer_channel = std::net::SocketAddr::new(
+        *peer
+            .addrs
+            .get(config.heartbeat.channel_network)
+            .context("the peer has no address on the channel network")?,
+        config.heartbeat.channel_port,
+    );
+    let replication = Replication::new(&config, &records, peer_channel, replication_tx);
+    if let Some(streams) = net.take_replication_streams() {
+        replication.serve(streams);
+    }
 
     // Three announcements 50 ms apart, then a second burst 3 s later: the first packet leaves at
     // once, and the application starts after ~100 ms rather than waiting for slow bursts.
@@ -344,16 +358,19 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         tasks: tasks.clone(),
         channel_up: false,
         last_heard: vec![None; n_networks],
+        replication,
     };
 
-    // The daemon has no replication yet: every module's replication stream counts as connected,
-    // so that the secondary's snapshots alone decide whether it is up to date (as before the
-    // input existed). The replicator will drive `ReplicationChanged` once it is wired in.
+    // A module without replicated directories has no stream that could fall behind: it counts
+    // as connected, so that the secondary's snapshots alone decide whether it is up to date.
+    // The others are reported by their replicators.
     for index in 0..n_modules {
-        driver.input(Input::ReplicationChanged {
-            module: ModuleId(index),
-            connected: true,
-        });
+        if !driver.replication.replicates(ModuleId(index)) {
+            driver.input(Input::ReplicationChanged {
+                module: ModuleId(index),
+                connected: true,
+            });
+        }
     }
     if config.daemon.autostart {
         for index in 0..n_modules {
@@ -388,6 +405,7 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
                 driver.input(Input::StepDone { module: done.module, step: done.step, outcome: done.outcome });
             }
             Some((module, up)) = link_rx.recv() => driver.input(Input::LinkChanged { module, up }),
+            Some(event) = replication_rx.recv() => driver.on_replication(event),
             () = sleep => driver.input(Input::Tick),
             _ = terminate.recv() => {
                 if stopping { break; }
@@ -436,6 +454,21 @@ impl Driver {
         command: Command,
         reply: Option<oneshot::Sender<Result<String, String>>>,
     ) {
+        if matches!(command, Command::Start | Command::Prim | Command::Second)
+            && self
+                .node
+                .status()
+                .modules
+                .get(module.0)
+                .is_some_and(|m| m.state == tandem_core::State::Stop && m.running_step.is_none())
+            && let Err(error) = self.replication.mount(module)
+        {
+            self.module_log(module, tandem_scripts::Level::Error, &error);
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(error));
+            }
+            return;
+        }
         let request = RequestId(self.next_request);
         self.next_request += 1;
         if let Some(reply) = reply {
@@ -510,6 +543,43 @@ impl Driver {
         }
     }
 
+    fn on_replication(&mut self, event: ReplicationEvent) {
+        match event {
+            ReplicationEvent::Connected { module, connected } => {
+                self.module_log(
+                    module,
+                    tandem_scripts::Level::Info,
+                    if connected {
+                        "replication to the peer connected and caught up"
+                    } else {
+                        "replication to the peer not connected"
+                    },
+                );
+                self.input(Input::ReplicationChanged { module, connected });
+            }
+            ReplicationEvent::Synced {
+                module,
+                step,
+                result,
+            } => {
+                let outcome = match result {
+                    Ok(()) => Outcome::Ok,
+                    Err(why) => Outcome::Failed(why),
+                };
+                self.input(Input::StepDone {
+                    module,
+                    step,
+                    outcome,
+                });
+            }
+            ReplicationEvent::Log {
+                module,
+                level,
+                message,
+            } => self.module_log(module, level, &message),
+        }
+    }
+
     fn on_request(&mut self, request: ApiRequest) {
         match request {
             ApiRequest::Status(reply) => {
@@ -539,12 +609,9 @@ impl Driver {
             }
             Effect::AcquireVips { module, step } => self.move_vips(module, step, true),
             Effect::ReleaseVips { module, step } => self.move_vips(module, step, false),
-            Effect::SyncData { module, step } => {
-                // Replication arrives with the replication issue; until then there is nothing to
-                // synchronise.
-                self.report(module, step, Outcome::Ok);
-            }
+            Effect::SyncData { module, step } => self.replication.sync(module, step),
             Effect::SetWritable { module, writable } => {
+                self.replication.set_writable(module, writable);
                 let message = if writable {
                     "replicated data writable on this node"
                 } else {
@@ -565,6 +632,7 @@ impl Driver {
                     );
                     std::process::exit(70);
                 }
+                self.replication.on_persisted(module, &record);
             }
             Effect::Log {
                 module,
@@ -604,6 +672,9 @@ impl Driver {
                     state: state.as_str().to_owned(),
                     ready,
                 });
+                if state == tandem_core::State::Stop && ready {
+                    self.replication.unmount(module);
+                }
             }
             Effect::Reply { request, result } => {
                 if let Some(reply) = self.pending.remove(&request) {
@@ -617,19 +688,6 @@ impl Driver {
         if let Some(logs) = self.logs.get(module.0) {
             logs.write(level, message);
         }
-    }
-
-    fn report(&self, module: ModuleId, step: StepId, outcome: Outcome) {
-        let finished = self.finished.clone();
-        self.tasks.spawn(async move {
-            let _ = finished
-                .send(Finished {
-                    module,
-                    step,
-                    outcome,
-                })
-                .await;
-        });
     }
 
     fn run_script(&self, module: ModuleId, step: StepId, call: ScriptCall) {
@@ -776,7 +834,8 @@ impl Driver {
             .modules
             .iter()
             .zip(&self.config.modules)
-            .map(|(module, module_config)| {
+            .enumerate()
+            .map(|(index, (module, module_config))| {
                 let vips: Vec<tandem_api::VipStatus> = module_config
                     .vips
                     .iter()
@@ -817,7 +876,7 @@ impl Driver {
                     epoch: module.epoch,
                     vip: vips.first().cloned(),
                     vips,
-                    replication: tandem_api::ReplicationStatus::default(),
+                    replication: self.replication.status(ModuleId(index)),
                     resync: tandem_api::ResyncStatus::default(),
                     failover: module.failover,
                     waiting_for: module.waiting_for.clone(),

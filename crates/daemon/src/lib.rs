@@ -5,5 +5,6 @@ mod api;
 mod driver;
 pub mod guard;
 mod persist;
+mod replication;
 
 pub use driver::{DaemonOptions, run};

@@ -220,7 +220,7 @@ pub struct Stats {
 
 /// A frozen mount (see [`Mount::freeze`]); unfreezes when dropped.
 pub struct Frozen<'m> {
-    _gate: RwLockWriteGuard<'m, Mode>,
+    gate: RwLockWriteGuard<'m, Mode>,
     shared: &'m fs::Shared,
 }
 
@@ -229,6 +229,11 @@ impl Frozen<'_> {
     /// locally, none at or above it has been admitted.
     pub fn next_seq(&self) -> u64 {
         self.shared.next_seq()
+    }
+
+    /// The mode (which cannot change while frozen; [`Mount::mode`] would wait for the thaw).
+    pub fn mode(&self) -> Mode {
+        *self.gate
     }
 }
 
@@ -405,11 +410,12 @@ impl Mount {
     /// holds back new ones (their callers wait) until the returned guard is dropped. Meanwhile
     /// the backing directory does not change through the mount, so it can be copied as a
     /// consistent whole (the full synchronisation of a secondary); reads go on. Do not call
-    /// [`Mount::set_mode`] on the same thread while frozen.
+    /// [`Mount::set_mode`] or [`Mount::mode`] on the same thread while frozen (use
+    /// [`Frozen::mode`]).
     pub fn freeze(&self) -> Frozen<'_> {
         let gate = write(&self.shared.gate);
         Frozen {
-            _gate: gate,
+            gate,
             shared: &self.shared,
         }
     }

@@ -11,11 +11,17 @@
 //!   wire format to an [`Applier`] on another directory of the same machine (tests, benchmarks);
 //! - [`NetReplicator`] and [`Receiver`]: the replication stream between two processes over TCP
 //!   ([`transport`]: Noise keyed by the cluster secret, or plaintext on a dedicated link), with
-//!   the replication timeout and the hold / record-locally / fail states of a lost secondary.
+//!   the replication timeout and the hold / record-locally / fail states of a lost secondary;
+//!   both take over an established [`Connection`] (either side may have dialed; in the daemon
+//!   the secondary dials and asks for a synchronisation) and start at any `seq`;
+//! - [`fullsync`]: the full synchronisation that precedes the replication stream on the same
+//!   connection: the primary's whole tree (entries, data without holes, hard links, xattrs and
+//!   ACLs, owners, modes, times) replaces the secondary's contents.
 
 #![warn(missing_docs)]
 
 mod applier;
+pub mod fullsync;
 mod loopback;
 mod net_replicator;
 mod receiver;
@@ -25,10 +31,11 @@ pub mod transport;
 pub mod wire;
 
 pub use applier::{Applier, Divergence};
+pub use fullsync::{SyncError, SyncProgress, SyncStats, receive_tree, send_tree};
 pub use loopback::{LoopbackReplicator, LoopbackStats};
 pub use net_replicator::{
     DEFAULT_QUEUE, DEFAULT_TIMEOUT, Lost, NetOptions, NetReplicator, NetStats, ReplicationState,
 };
 pub use receiver::{RECEIVE_QUEUE, Receiver, ReceiverReport, ReceiverStats};
-pub use transport::{Security, TransportError};
+pub use transport::{Connection, MAGIC, Security, TransportError};
 pub use wire::{Record, WireError};

@@ -15,10 +15,18 @@
 //! submit only waits when it is full, that is when the secondary falls that far behind (bounded
 //! memory; the timeout below still runs).
 //!
+//! # Connection
+//!
+//! [`NetReplicator::start`] takes over an authenticated [`Connection`], whichever side dialed
+//! (in the daemon the secondary dials and the full synchronisation runs on it first), and the
+//! `seq` the secondary expects first (the synchronisation's `next_seq`);
+//! [`NetReplicator::connect`] dials and starts at `seq` 1. [`NetStats::in_flight`] `== 0` means
+//! every mutation sent was acknowledged.
+//!
 //! # States
 //!
 //! ```text
-//!                 ack timeout / connection error
+//!                 ack timeout / connection error / abort()
 //!   Replicating ─────────────────────────────────► Holding ──record_locally()──► RecordingLocally
 //!        │            (on_lost called once)            │
 //!        │                                             └──────fail_all()───────► Failed
@@ -52,7 +60,7 @@ use std::time::{Duration, Instant};
 use tandem_fs::{Completion, FileId, Mutation, NodeRef, Op, Outcome, ReplicationError, Replicator};
 
 use crate::sequencer::remote_result;
-use crate::transport::{self, FrameReader, FrameWriter, Security, TransportError};
+use crate::transport::{Connection, FrameReader, FrameWriter, Security, TransportError};
 use crate::wire::{self, Record};
 
 /// Default replication timeout.
@@ -115,12 +123,18 @@ pub struct NetStats {
     pub acks: u64,
     /// Mutations waiting for their ack (or held).
     pub in_flight: u64,
+    /// Bytes of the frames of those mutations.
+    pub in_flight_bytes: u64,
+    /// Bytes queued for the secondary per second, over the interval since the previous call of
+    /// [`NetReplicator::stats`] that lasted at least a second (0 before the first one).
+    pub bytes_per_second: u64,
     /// Sum of the ack latencies, in microseconds (divide by `acks` for the mean).
     pub ack_micros: u64,
 }
 
 struct Pending {
     done: Completion,
+    bytes: u64,
     kind: &'static str,
     since: Instant,
 }
@@ -128,7 +142,23 @@ struct Pending {
 struct State {
     state: ReplicationState,
     pending: BTreeMap<u64, Pending>,
+    /// Sum of the `bytes` of `pending`.
+    pending_bytes: u64,
     recorded: Vec<u64>,
+}
+
+impl State {
+    fn take_pending(&mut self) -> BTreeMap<u64, Pending> {
+        self.pending_bytes = 0;
+        std::mem::take(&mut self.pending)
+    }
+}
+
+/// The sending rate, measured between calls of `stats`.
+struct Rate {
+    since: Instant,
+    bytes: u64,
+    per_second: u64,
 }
 
 type OnLost = Box<dyn Fn(&Lost) + Send + Sync>;
@@ -181,7 +211,11 @@ impl Inner {
             if s.state != ReplicationState::Replicating {
                 return;
             }
-            s.pending.remove(&seq)
+            let p = s.pending.remove(&seq);
+            if let Some(p) = &p {
+                s.pending_bytes = s.pending_bytes.saturating_sub(p.bytes);
+            }
+            p
         };
         match pending {
             Some(p) => {
@@ -226,6 +260,8 @@ enum Msg {
 /// the module documentation.
 pub struct NetReplicator {
     inner: Arc<Inner>,
+    first_seq: u64,
+    rate: Mutex<Rate>,
     tx: SyncSender<Msg>,
     writer: Mutex<Option<JoinHandle<()>>>,
     reader: Mutex<Option<JoinHandle<()>>>,
@@ -241,30 +277,50 @@ impl std::fmt::Debug for NetReplicator {
 }
 
 impl NetReplicator {
-    /// Connects to the secondary's receiver at `addr` and authenticates (the mount's first
-    /// mutation must be `seq` 1). `on_lost` is called once, from an internal thread, when the
-    /// secondary is lost; it must not block. A refused handshake (wrong secret, other security
-    /// mode) is an error here.
+    /// Connects to the secondary's receiver at `addr` and authenticates (the primary dials: the
+    /// mount's first mutation must be `seq` 1). `on_lost` is called once, from an internal
+    /// thread, when the secondary is lost; it must not block. A refused handshake (wrong secret,
+    /// other security mode) is an error here. [`Connection::dial`] then
+    /// [`NetReplicator::start`].
     pub fn connect(
         addr: SocketAddr,
         options: NetOptions,
         on_lost: impl Fn(&Lost) + Send + Sync + 'static,
     ) -> Result<NetReplicator, TransportError> {
-        let mut stream = TcpStream::connect_timeout(&addr, transport::HANDSHAKE_TIMEOUT)?;
-        let keys = transport::handshake(&mut stream, &options.security, true)?;
+        let conn = Connection::dial(addr, &options.security)?;
+        NetReplicator::start(conn, 1, options, on_lost)
+    }
+
+    /// Takes over an established connection to the secondary (whichever side dialed; after a
+    /// full synchronisation on it, see [`crate::fullsync`]): from now on mutations are sent on
+    /// it and the secondary's acks complete them. `first_seq` is the `seq` of the first mutation
+    /// the secondary expects (the `next_seq` of the synchronisation); a mutation below it is not
+    /// sent and fails. `options.security` is not used (the connection is already
+    /// authenticated). `on_lost` is called once, from an internal thread, when the secondary is
+    /// lost; it must not block.
+    pub fn start(
+        conn: Connection,
+        first_seq: u64,
+        options: NetOptions,
+        on_lost: impl Fn(&Lost) + Send + Sync + 'static,
+    ) -> Result<NetReplicator, TransportError> {
+        let (stream, _peer, input, out) = conn.into_parts()?;
         // The reader wakes up this often to check the oldest pending mutation's age.
         let tick =
             (options.timeout / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
         stream.set_read_timeout(Some(tick))?;
+        // A writer blocked on a stuck secondary is released by the ack timeout (shutdown).
+        stream.set_write_timeout(None)?;
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
                 state: ReplicationState::Replicating,
                 pending: BTreeMap::new(),
+                pending_bytes: 0,
                 recorded: Vec::new(),
             }),
             on_lost: Box::new(on_lost),
             timeout: options.timeout,
-            stream: stream.try_clone()?,
+            stream,
             closing: AtomicBool::new(false),
             frames: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
@@ -274,24 +330,54 @@ impl NetReplicator {
         let (tx, rx) = mpsc::sync_channel(options.queue.max(1));
         let writer = {
             let inner = inner.clone();
-            let out = FrameWriter::new(stream.try_clone()?, keys.clone());
             std::thread::Builder::new()
                 .name("tandem-repl-tx".into())
                 .spawn(move || write_loop(&inner, out, &rx))?
         };
         let reader = {
             let inner = inner.clone();
-            let input = FrameReader::new(stream, keys);
             std::thread::Builder::new()
                 .name("tandem-repl-rx".into())
                 .spawn(move || read_loop(&inner, input))?
         };
         Ok(NetReplicator {
             inner,
+            first_seq: first_seq.max(1),
+            rate: Mutex::new(Rate {
+                since: Instant::now(),
+                bytes: 0,
+                per_second: 0,
+            }),
             tx,
             writer: Mutex::new(Some(writer)),
             reader: Mutex::new(Some(reader)),
         })
+    }
+
+    /// The `seq` of the first mutation sent on this connection.
+    pub fn first_seq(&self) -> u64 {
+        self.first_seq
+    }
+
+    /// The sending rate, updated when a second or more passed since the last update.
+    fn rate(&self, bytes: u64) -> u64 {
+        let mut r = self.rate.lock().unwrap_or_else(PoisonError::into_inner);
+        let elapsed = r.since.elapsed();
+        if elapsed >= Duration::from_secs(1) {
+            let sent = bytes.saturating_sub(r.bytes) as f64;
+            r.per_second = (sent / elapsed.as_secs_f64()) as u64;
+            r.since = Instant::now();
+            r.bytes = bytes;
+        }
+        r.per_second
+    }
+
+    /// Declares the secondary lost now, as an ack timeout would (Replicating -> Holding; the
+    /// connection is shut down and `on_lost` runs once with `reason`). For the daemon, when the
+    /// stream must stop (the secondary asked for a new synchronisation). Does nothing in
+    /// another state.
+    pub fn abort(&self, reason: &str) {
+        self.inner.lose(reason.to_owned());
     }
 
     /// The current state.
@@ -309,7 +395,7 @@ impl NetReplicator {
                 return;
             }
             s.state = ReplicationState::RecordingLocally;
-            let pending = std::mem::take(&mut s.pending);
+            let pending = s.take_pending();
             s.recorded.extend(pending.keys().copied());
             pending
         };
@@ -328,7 +414,7 @@ impl NetReplicator {
                 return;
             }
             s.state = ReplicationState::Failed;
-            std::mem::take(&mut s.pending)
+            s.take_pending()
         };
         let _ = self.inner.stream.shutdown(Shutdown::Both);
         for p in failed.into_values() {
@@ -344,11 +430,18 @@ impl NetReplicator {
     /// Counters.
     pub fn stats(&self) -> NetStats {
         let i = &self.inner;
+        let (in_flight, in_flight_bytes) = {
+            let s = i.lock();
+            (s.pending.len() as u64, s.pending_bytes)
+        };
+        let bytes = i.bytes.load(Ordering::Relaxed);
         NetStats {
             frames: i.frames.load(Ordering::Relaxed),
-            bytes: i.bytes.load(Ordering::Relaxed),
+            bytes,
             acks: i.acks.load(Ordering::Relaxed),
-            in_flight: i.lock().pending.len() as u64,
+            in_flight,
+            in_flight_bytes,
+            bytes_per_second: self.rate(bytes),
             ack_micros: i.ack_micros.load(Ordering::Relaxed),
         }
     }
@@ -432,6 +525,19 @@ impl Drop for NetReplicator {
 impl Replicator for NetReplicator {
     fn submit(&self, mutation: &Mutation<'_>, done: Completion) {
         let seq = mutation.seq;
+        if seq < self.first_seq {
+            // Before the synchronised point: the secondary would ignore it.
+            tracing::warn!(
+                seq,
+                first = self.first_seq,
+                "replication: mutation before the stream"
+            );
+            done.complete(Err(ReplicationError::Failed(format!(
+                "mutation {seq} precedes the replication stream (starts at {})",
+                self.first_seq
+            ))));
+            return;
+        }
         if !mutation.replicate {
             done.complete(Ok(()));
             self.skip(seq);
@@ -453,10 +559,13 @@ impl Replicator for NetReplicator {
         match s.state {
             ReplicationState::Replicating | ReplicationState::Holding => {
                 let replicating = s.state == ReplicationState::Replicating;
+                let bytes = frame.len() as u64;
+                s.pending_bytes += bytes;
                 s.pending.insert(
                     seq,
                     Pending {
                         done,
+                        bytes,
                         kind: mutation.kind(),
                         since: Instant::now(),
                     },

@@ -1,7 +1,8 @@
 //! [`Receiver`]: the secondary's side of the replication stream.
 //!
-//! Accepts one connection from the primary's [`crate::NetReplicator`], authenticates it (see
-//! [`crate::transport`]), and runs two threads: a reader that decrypts and classifies frames,
+//! Takes over one authenticated connection from the primary's [`crate::NetReplicator`] (see
+//! [`crate::transport`]; [`Receiver::accept`] also accepts and authenticates it), and runs two
+//! threads: a reader that decrypts and classifies frames,
 //! and an applier that applies them through the shared sequencer (reorder buffer by `seq`,
 //! `Forget` barrier: as the [`crate::LoopbackReplicator`]) with an [`Applier`], and sends
 //! `Ack { seq, error }` after each apply (after the `fsync`/`fdatasync` for `Fsync` and
@@ -19,7 +20,7 @@ use std::thread::JoinHandle;
 
 use crate::applier::{Applier, Divergence};
 use crate::sequencer::{Input, Sequencer, Target};
-use crate::transport::{self, FrameReader, FrameWriter, Security, TransportError};
+use crate::transport::{self, Connection, FrameReader, FrameWriter, Security, TransportError};
 use crate::wire::{self, Record};
 
 /// Frames waiting between the reader and the applier at most.
@@ -70,40 +71,54 @@ impl std::fmt::Debug for Receiver {
 }
 
 impl Receiver {
-    /// Accepts one connection on `listener`, authenticates it and starts applying its stream
-    /// with `applier` (the first mutation must be `seq` 1). A connection that fails the
-    /// handshake is closed and reported as the error (nothing is applied).
+    /// Accepts one connection on `listener`, reads its [`transport::MAGIC`], authenticates it
+    /// and starts applying its stream with `applier` (the primary dialed: the first mutation
+    /// must be `seq` 1). A connection that fails the handshake is closed and reported as the
+    /// error (nothing is applied). [`Connection::accept`] then [`Receiver::start`].
     pub fn accept(
         listener: &TcpListener,
         security: &Security,
         applier: Applier,
     ) -> Result<Receiver, TransportError> {
         let (mut stream, peer) = listener.accept()?;
-        let keys = match transport::handshake(&mut stream, security, false) {
-            Ok(k) => k,
-            Err(e) => {
-                tracing::warn!(%peer, error = %e, "replication connection refused");
-                let _ = stream.shutdown(Shutdown::Both);
-                return Err(e);
-            }
-        };
+        if let Err(e) = transport::read_magic(&mut stream) {
+            tracing::warn!(%peer, error = %e, "replication connection refused");
+            let _ = stream.shutdown(Shutdown::Both);
+            return Err(e);
+        }
+        let conn = Connection::accept(stream, security)?;
+        Receiver::start(conn, applier, 1)
+    }
+
+    /// Takes over an established connection from the primary (whichever side dialed; after a
+    /// full synchronisation on it, see [`crate::fullsync`]) and starts applying its stream with
+    /// `applier`; the first mutation expected is `first_seq` (the `next_seq` of the
+    /// synchronisation).
+    pub fn start(
+        conn: Connection,
+        applier: Applier,
+        first_seq: u64,
+    ) -> Result<Receiver, TransportError> {
+        let (stream, peer, input, out) = conn.into_parts()?;
+        // The primary's silence is not an error here (the daemon watches the peer).
+        stream.set_read_timeout(None)?;
+        stream.set_write_timeout(None)?;
         let target = Arc::new(Target::new(applier));
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::sync_channel(RECEIVE_QUEUE);
         let reader = {
-            let input = FrameReader::new(stream.try_clone()?, keys.clone());
             let target = target.clone();
             std::thread::Builder::new()
                 .name("tandem-recv-rx".into())
                 .spawn(move || read_loop(input, &target, &tx))?
         };
         let apply = {
-            let out = FrameWriter::new(stream.try_clone()?, keys);
             let target = target.clone();
             let stop = stop.clone();
+            let sequencer = Sequencer::starting_at(target.clone(), first_seq.max(1));
             std::thread::Builder::new()
                 .name("tandem-recv-apply".into())
-                .spawn(move || apply_loop(Sequencer::new(target), out, &rx, &stop))?
+                .spawn(move || apply_loop(sequencer, out, &rx, &stop))?
         };
         Ok(Receiver {
             target,
@@ -205,7 +220,17 @@ fn read_loop(
                 continue;
             }
             Ok(Record::Applied { .. } | Record::Forget { .. }) => None,
-            Ok(Record::Ack { .. }) => return Some("ack received from the primary".into()),
+            Ok(
+                r @ (Record::Ack { .. }
+                | Record::SyncRequest { .. }
+                | Record::SyncRefused { .. }
+                | Record::SyncEntry(_)
+                | Record::SyncLink { .. }
+                | Record::SyncData { .. }
+                | Record::SyncEnd { .. }),
+            ) => {
+                return Some(format!("{} received in the replication stream", r.kind()));
+            }
             Err(e) => return Some(format!("undecodable frame: {e}")),
         };
         let input = match item {

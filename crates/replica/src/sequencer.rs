@@ -117,10 +117,17 @@ pub(crate) struct Sequencer<D> {
 impl<D> Sequencer<D> {
     /// A sequencer whose first mutation is `seq` 1 (a fresh mount).
     pub(crate) fn new(target: Arc<Target>) -> Sequencer<D> {
+        Sequencer::starting_at(target, 1)
+    }
+
+    /// A sequencer whose first mutation is `first_seq` (at least 1): the stream that follows a
+    /// full synchronisation.
+    pub(crate) fn starting_at(target: Arc<Target>, first_seq: u64) -> Sequencer<D> {
+        let first_seq = first_seq.max(1);
         Sequencer {
             target,
-            next_seq: 1,
-            max_seen: 0,
+            next_seq: first_seq,
+            max_seen: first_seq - 1,
             ready: BTreeMap::new(),
             outcomes: HashMap::new(),
             forget: None,

@@ -224,3 +224,114 @@ pub(crate) fn with_umask<T>(umask: u32, f: impl FnOnce() -> T) -> (T, bool) {
     rustix::process::umask(old);
     (out, true)
 }
+
+/// The names of the extended attributes of `path`.
+pub(crate) fn xattr_list(path: &XattrPath) -> Result<Vec<std::ffi::OsString>, i32> {
+    let mut buf = vec![0u8; 1024];
+    let len = loop {
+        let r = match path {
+            XattrPath::Follow(p) => rustix::fs::listxattr(p.as_c_str(), &mut buf[..]),
+            XattrPath::NoFollow(p) => rustix::fs::llistxattr(p.as_c_str(), &mut buf[..]),
+        };
+        match r {
+            Ok(n) => break n,
+            // The list grew, or the buffer is too small: ask for the size.
+            Err(rustix::io::Errno::RANGE) => {
+                let n = match path {
+                    XattrPath::Follow(p) => rustix::fs::listxattr_query(p.as_c_str()),
+                    XattrPath::NoFollow(p) => rustix::fs::llistxattr_query(p.as_c_str()),
+                }
+                .map_err(rerr)?;
+                buf.resize(n.max(buf.len() * 2), 0);
+            }
+            Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
+            Err(e) => return Err(rerr(e)),
+        }
+    };
+    Ok(buf
+        .get(..len)
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|n| OsStr::from_bytes(n).to_owned())
+        .collect())
+}
+
+/// The value of the extended attribute `name` of `path`.
+pub(crate) fn xattr_get(path: &XattrPath, name: &OsStr) -> Result<Vec<u8>, i32> {
+    let mut buf = vec![0u8; 256];
+    loop {
+        let r = match path {
+            XattrPath::Follow(p) => rustix::fs::getxattr(p.as_c_str(), name, &mut buf[..]),
+            XattrPath::NoFollow(p) => rustix::fs::lgetxattr(p.as_c_str(), name, &mut buf[..]),
+        };
+        match r {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(rustix::io::Errno::RANGE) => {
+                let n = match path {
+                    XattrPath::Follow(p) => rustix::fs::getxattr_query(p.as_c_str(), name),
+                    XattrPath::NoFollow(p) => rustix::fs::lgetxattr_query(p.as_c_str(), name),
+                }
+                .map_err(rerr)?;
+                buf.resize(n.max(buf.len() * 2), 0);
+            }
+            Err(e) => return Err(rerr(e)),
+        }
+    }
+}
+
+/// Opens the directory `path` (relative, possibly several components; `""` is `dir` itself)
+/// below `dir` for reading its entries, without following any symlink, without leaving `dir`
+/// and without crossing a mount point; `O_NOATIME` when allowed (reading it does not change its
+/// access time).
+pub(crate) fn open_dir_beneath(dir: BorrowedFd<'_>, path: &Path) -> Result<OwnedFd, i32> {
+    if !valid_path(path) {
+        return Err(libc::EINVAL);
+    }
+    let path: &Path = if path.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        path
+    };
+    let base = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_XDEV;
+    for flags in [base | OFlags::NOATIME, base] {
+        match rustix::fs::openat2(dir, path, flags, Mode::empty(), resolve) {
+            Ok(fd) => return Ok(fd),
+            Err(rustix::io::Errno::PERM) if flags.contains(OFlags::NOATIME) => {}
+            Err(rustix::io::Errno::NOSYS) => {
+                // Without openat2: one component at a time (components are validated).
+                let mut current =
+                    rustix::fs::openat(dir, ".", base, Mode::empty()).map_err(rerr)?;
+                for c in path.components() {
+                    if let Component::Normal(name) = c {
+                        current = rustix::fs::openat(&current, name, base, Mode::empty())
+                            .map_err(rerr)?;
+                    }
+                }
+                return Ok(current);
+            }
+            Err(e) => return Err(rerr(e)),
+        }
+    }
+    Err(libc::EPERM)
+}
+
+/// The names in a directory opened for reading (without `.` and `..`), sorted.
+pub(crate) fn list_dir(dir: BorrowedFd<'_>) -> Result<Vec<std::ffi::OsString>, i32> {
+    let fd = rustix::io::fcntl_dupfd_cloexec(dir, 0).map_err(rerr)?;
+    let mut reader = rustix::fs::Dir::new(fd).map_err(rerr)?;
+    let mut names = Vec::new();
+    while let Some(entry) = reader.read() {
+        let entry = entry.map_err(rerr)?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            names.push(OsStr::from_bytes(name).to_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
+}

@@ -5,12 +5,16 @@
 //! Every message on the connection is a frame: a `u32` little-endian length, then that many
 //! bytes.
 //!
-//! 1. **Handshake** (the primary dials and speaks first; each message is one frame):
+//! 0. **Magic.** The dialer first writes [`MAGIC`] (8 bytes, no frame): the node-to-node port is
+//!    shared with the control channel, and the accepting side's dispatcher peeks at them to hand
+//!    the stream over, then consumes them ([`read_magic`]) before [`Connection::accept`].
+//! 1. **Handshake** (the dialer is the Noise initiator and speaks first; each message is one
+//!    frame):
 //!    - [`Security::Noise`]: `Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s` (as the control channel of
 //!      `tandem-net`), PSK = `blake3::derive_key(`[`PSK_CONTEXT`]`, cluster_secret)` — a context
 //!      distinct from the control channel's, so the two keys differ. Two 48-byte messages with
-//!      empty payloads. With a wrong secret the receiver cannot decrypt the first message and
-//!      closes the connection: the primary sees it closed ([`TransportError::RefusedByPeer`]).
+//!      empty payloads. With a wrong secret the acceptor cannot decrypt the first message and
+//!      closes the connection: the dialer sees it closed ([`TransportError::RefusedByPeer`]).
 //!    - [`Security::Plaintext`]: both sides send [`PLAINTEXT_HELLO`]; a side configured for
 //!      Noise refuses it (and a plaintext side refuses a Noise message), so a configuration
 //!      mismatch never runs unencrypted by accident.
@@ -22,15 +26,28 @@
 //!    most 65 519 bytes (65 535 minus the 16-byte tag), each encrypted as one Noise message with
 //!    the next nonce of its direction; the frame holds the concatenated ciphertexts, and the
 //!    receiver cuts it back at 65 535 bytes.
+//!
+//! # Roles
+//!
+//! Who dialed and who sends mutations are independent: in the daemon the secondary dials the
+//! primary (it asks for a synchronisation), then the primary sends the tree
+//! ([`crate::fullsync`]) and the mutations ([`crate::NetReplicator::start`]) over the same
+//! [`Connection`], and the secondary acks ([`crate::Receiver::start`]). Each direction has its
+//! own Noise key and nonce counter; a [`Connection`] hands both counters over when a replicator
+//! or a receiver takes it.
 
 use std::io::{self, BufWriter, Read, Write};
-use std::net::TcpStream;
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
 use snow::{Builder, StatelessTransportState};
 
-use crate::wire::{MAX_FRAME, PREFIX_LEN};
+use crate::wire::{self, MAX_FRAME, PREFIX_LEN, Record};
+
+/// What a replication connection starts with, before the handshake (the port is shared with the
+/// control channel).
+pub const MAGIC: &[u8; 8] = b"TNDMREPL";
 
 /// The Noise protocol of the replication connection.
 pub const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
@@ -103,6 +120,12 @@ pub enum TransportError {
     /// An internal Noise error.
     #[error("noise: {0}")]
     Noise(#[from] snow::Error),
+    /// No record arrived within the connection's read timeout ([`Connection::recv`]).
+    #[error("replication connection: nothing received within {0:?}")]
+    RecvTimeout(Duration),
+    /// The other side closed the connection.
+    #[error("replication connection closed by the peer")]
+    Closed,
 }
 
 /// The transport keys of an authenticated connection (`None` in plaintext).
@@ -156,7 +179,204 @@ fn expect_len(msg: &[u8], len: usize, what: &str) -> Result<(), TransportError> 
     }
 }
 
-/// Runs the handshake on a fresh connection; `initiator` is the primary (the dialer).
+/// Reads the [`MAGIC`] a dialer starts with (within [`HANDSHAKE_TIMEOUT`]); for an acceptor
+/// without a dispatcher that already consumed it.
+pub fn read_magic(stream: &mut TcpStream) -> Result<(), TransportError> {
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let mut magic = [0u8; MAGIC.len()];
+    stream
+        .read_exact(&mut magic)
+        .map_err(|e| handshake_io(e, TransportError::RefusedByPeer))?;
+    stream.set_read_timeout(None)?;
+    if &magic == MAGIC {
+        Ok(())
+    } else {
+        Err(TransportError::Mismatch(
+            "not a tandem replication connection (bad magic)".into(),
+        ))
+    }
+}
+
+/// An authenticated replication connection: a TCP stream after the handshake, with its keys
+/// and the state of both directions (nonces, buffered bytes).
+///
+/// [`Connection::send`] and [`Connection::recv`] carry whole [`Record`]s, blocking, for the
+/// request and synchronisation phase ([`crate::fullsync`]); then a [`crate::NetReplicator`] (the
+/// primary) or a [`crate::Receiver`] (the secondary) takes the connection over, whichever side
+/// dialed.
+pub struct Connection {
+    stream: TcpStream,
+    peer: SocketAddr,
+    encrypted: bool,
+    reader: FrameReader,
+    writer: FrameWriter,
+    read_timeout: Option<Duration>,
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("peer", &self.peer)
+            .field("encrypted", &self.encrypted)
+            .finish()
+    }
+}
+
+impl Connection {
+    /// Connects to `addr` (within [`HANDSHAKE_TIMEOUT`]), writes [`MAGIC`] and runs the
+    /// handshake as the initiator.
+    pub fn dial(addr: SocketAddr, security: &Security) -> Result<Connection, TransportError> {
+        let mut stream = TcpStream::connect_timeout(&addr, HANDSHAKE_TIMEOUT)?;
+        stream.set_nodelay(true)?;
+        stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        stream
+            .write_all(MAGIC)
+            .map_err(|e| handshake_io(e, TransportError::RefusedByPeer))?;
+        let keys = handshake(&mut stream, security, true)?;
+        Connection::new(stream, keys)
+    }
+
+    /// Runs the handshake as the responder on an accepted stream whose [`MAGIC`] was already
+    /// consumed (by the port's dispatcher, or [`read_magic`]). A stream that fails it is shut
+    /// down.
+    pub fn accept(
+        mut stream: TcpStream,
+        security: &Security,
+    ) -> Result<Connection, TransportError> {
+        match handshake(&mut stream, security, false) {
+            Ok(keys) => Connection::new(stream, keys),
+            Err(e) => {
+                let peer = stream.peer_addr().ok();
+                tracing::warn!(?peer, error = %e, "replication connection refused");
+                let _ = stream.shutdown(Shutdown::Both);
+                Err(e)
+            }
+        }
+    }
+
+    fn new(stream: TcpStream, keys: Keys) -> Result<Connection, TransportError> {
+        Ok(Connection {
+            peer: stream.peer_addr()?,
+            encrypted: keys.is_some(),
+            reader: FrameReader::new(stream.try_clone()?, keys.clone()),
+            writer: FrameWriter::new(stream.try_clone()?, keys),
+            stream,
+            read_timeout: None,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// The other side's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Whether the connection is encrypted (Noise) rather than plaintext.
+    pub fn encrypted(&self) -> bool {
+        self.encrypted
+    }
+
+    /// How long [`Connection::recv`] waits for a record (`None`: forever, the default).
+    pub fn set_read_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
+        // A zero duration is refused by the socket: it would mean "forever".
+        let timeout = timeout.map(|t| t.max(Duration::from_millis(1)));
+        self.stream.set_read_timeout(timeout)?;
+        self.read_timeout = timeout;
+        Ok(())
+    }
+
+    /// How long a blocked write may wait for the other side to read (`None`: forever, the
+    /// default). A write that timed out leaves the connection unusable.
+    pub fn set_write_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
+        let timeout = timeout.map(|t| t.max(Duration::from_millis(1)));
+        self.stream.set_write_timeout(timeout)?;
+        Ok(())
+    }
+
+    /// Queues one record (sent when the buffer fills, or at [`Connection::flush`]).
+    pub fn write(&mut self, record: &Record<'_>) -> Result<(), TransportError> {
+        self.scratch.clear();
+        wire::encode(record, &mut self.scratch).map_err(|e| {
+            TransportError::Protocol(format!("{} not encodable: {e}", record.kind()))
+        })?;
+        self.writer.write_frame(&self.scratch).map_err(io_error)
+    }
+
+    /// Sends what is queued.
+    pub fn flush(&mut self) -> Result<(), TransportError> {
+        self.writer.flush().map_err(io_error)
+    }
+
+    /// Sends one record at once ([`Connection::write`] and [`Connection::flush`]).
+    pub fn send(&mut self, record: &Record<'_>) -> Result<(), TransportError> {
+        self.write(record)?;
+        self.flush()
+    }
+
+    /// Waits for the next record (at most the read timeout: [`TransportError::RecvTimeout`],
+    /// after which the connection is still usable). The end of the stream is
+    /// [`TransportError::Closed`].
+    pub fn recv(&mut self) -> Result<Record<'static>, TransportError> {
+        let frame = match self.reader.next() {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                return Err(TransportError::RecvTimeout(
+                    self.read_timeout.unwrap_or_default(),
+                ));
+            }
+            Err(TransportError::Io(e)) => return Err(io_error(e)),
+            Err(e) => return Err(e),
+        };
+        wire::decode_frame(&frame)
+            .map(Record::into_owned)
+            .map_err(|e| TransportError::Protocol(format!("undecodable record: {e}")))
+    }
+
+    /// Closes both directions (the other side sees the end of the stream).
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    /// A handle that closes the connection from another thread (to cancel a synchronisation
+    /// blocked in [`Connection::recv`] or a write: they fail at once).
+    pub fn abort_handle(&self) -> Result<AbortHandle, TransportError> {
+        Ok(AbortHandle(self.stream.try_clone()?))
+    }
+
+    /// The stream and both directions' states, for a replicator or a receiver taking the
+    /// connection over (whatever was queued is flushed first).
+    pub(crate) fn into_parts(
+        mut self,
+    ) -> Result<(TcpStream, SocketAddr, FrameReader, FrameWriter), TransportError> {
+        self.flush()?;
+        Ok((self.stream, self.peer, self.reader, self.writer))
+    }
+}
+
+/// Closes a [`Connection`] from another thread ([`Connection::abort_handle`]).
+#[derive(Debug)]
+pub struct AbortHandle(TcpStream);
+
+impl AbortHandle {
+    /// Shuts both directions down: blocked reads and writes of the connection fail, and the
+    /// other side sees the end of the stream.
+    pub fn abort(&self) {
+        let _ = self.0.shutdown(Shutdown::Both);
+    }
+}
+
+/// A socket error, with the end of the stream as [`TransportError::Closed`].
+fn io_error(e: io::Error) -> TransportError {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::BrokenPipe => TransportError::Closed,
+        _ => TransportError::Io(e),
+    }
+}
+
+/// Runs the handshake on a fresh connection; `initiator` is the dialer.
 pub(crate) fn handshake(
     stream: &mut TcpStream,
     security: &Security,

@@ -13,7 +13,21 @@
 //!   after the apply: the secondary copies `atime`/`mtime` from them), primary to secondary;
 //! - [`Record::Forget`]: the primary no longer names a backing inode (the secondary may drop its
 //!   handle), primary to secondary;
-//! - [`Record::Ack`]: the secondary's result of a mutation, secondary to primary.
+//! - [`Record::Ack`]: the secondary's result of a mutation, secondary to primary (`seq` 0: the
+//!   result of a whole full synchronisation).
+//!
+//! Records of the full synchronisation ([`crate::fullsync`]), before the replication stream on
+//! the same connection:
+//! - [`Record::SyncRequest`]: the secondary asks for a copy of one replicated directory of a
+//!   module (the first record after the handshake, secondary to primary);
+//! - [`Record::SyncRefused`]: the primary will not send it (why), primary to secondary;
+//! - [`Record::SyncEntry`]: one entry of the tree ([`TreeEntry`]: relative path, kind, mode,
+//!   owner, device number, size, times, symlink target, xattrs), parents before children;
+//! - [`Record::SyncLink`]: a hard link to an entry sent earlier under another path;
+//! - [`Record::SyncData`]: bytes of the last regular file sent, at an offset (the raw rest of
+//!   the frame, at most [`SYNC_CHUNK`]); holes are not sent;
+//! - [`Record::SyncEnd`]: the end of the tree, with the `seq` the replication stream starts at
+//!   and the totals the secondary checks.
 //!
 //! Decoding never panics: malformed input (unknown tags, truncated fields, invalid booleans or
 //! nanoseconds, trailing bytes, frames above [`MAX_FRAME`]) is a [`WireError`].
@@ -33,6 +47,9 @@ pub const MAX_FRAME: usize = 16 << 20;
 
 /// Length of the frame prefix (the body length, `u32` little-endian).
 pub const PREFIX_LEN: usize = 4;
+
+/// Largest data chunk of one [`Record::SyncData`] (1 MiB).
+pub const SYNC_CHUNK: usize = 1 << 20;
 
 /// Why a frame could not be encoded or decoded.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -72,13 +89,189 @@ pub enum Record<'a> {
         /// The primary's identity of the inode.
         id: FileId,
     },
-    /// The secondary's result of mutation `seq`.
+    /// The secondary's result of mutation `seq` (`seq` 0: of a whole full synchronisation).
     Ack {
         /// The mutation.
         seq: u64,
         /// `None` when applied, else the secondary's errno.
         error: Option<i32>,
     },
+    /// The secondary asks for a full copy of a replicated directory (secondary to primary).
+    SyncRequest {
+        /// The module's name.
+        module: String,
+        /// The index of the replicated directory in the module's configuration.
+        dir: u32,
+    },
+    /// The primary refuses a [`Record::SyncRequest`].
+    SyncRefused {
+        /// Why (for the secondary's log).
+        reason: String,
+    },
+    /// One entry of the tree.
+    SyncEntry(TreeEntry<'a>),
+    /// A hard link: `path` names the same inode as `to`, sent earlier.
+    SyncLink {
+        /// The new name (relative to the root).
+        path: Cow<'a, Path>,
+        /// The path the inode was first sent under.
+        to: Cow<'a, Path>,
+    },
+    /// Bytes of a regular file.
+    SyncData {
+        /// The index of the file's [`Record::SyncEntry`] among the entries and links sent (the
+        /// root is 0); always the last regular file sent.
+        index: u64,
+        /// Where the bytes go.
+        offset: u64,
+        /// The bytes (the rest of the frame; at most [`SYNC_CHUNK`]).
+        data: Cow<'a, [u8]>,
+    },
+    /// The end of the tree.
+    SyncEnd {
+        /// The `seq` of the first mutation of the replication stream that follows.
+        next_seq: u64,
+        /// Entries and links sent (the root included).
+        entries: u64,
+        /// Data bytes sent.
+        bytes: u64,
+    },
+}
+
+/// The kind of a [`TreeEntry`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EntryKind {
+    /// A directory.
+    Dir,
+    /// A regular file.
+    Regular,
+    /// A symbolic link.
+    Symlink,
+    /// A named pipe.
+    Fifo,
+    /// A character device.
+    Char,
+    /// A block device.
+    Block,
+    /// A Unix socket.
+    Socket,
+}
+
+impl EntryKind {
+    /// The kind of a `st_mode`.
+    pub fn from_mode(mode: u32) -> Option<EntryKind> {
+        Some(match mode & libc::S_IFMT {
+            libc::S_IFDIR => EntryKind::Dir,
+            libc::S_IFREG => EntryKind::Regular,
+            libc::S_IFLNK => EntryKind::Symlink,
+            libc::S_IFIFO => EntryKind::Fifo,
+            libc::S_IFCHR => EntryKind::Char,
+            libc::S_IFBLK => EntryKind::Block,
+            libc::S_IFSOCK => EntryKind::Socket,
+            _ => return None,
+        })
+    }
+
+    /// The `S_IF*` bits of the kind.
+    pub fn type_bits(self) -> u32 {
+        match self {
+            EntryKind::Dir => libc::S_IFDIR,
+            EntryKind::Regular => libc::S_IFREG,
+            EntryKind::Symlink => libc::S_IFLNK,
+            EntryKind::Fifo => libc::S_IFIFO,
+            EntryKind::Char => libc::S_IFCHR,
+            EntryKind::Block => libc::S_IFBLK,
+            EntryKind::Socket => libc::S_IFSOCK,
+        }
+    }
+
+    fn tag(self) -> u8 {
+        match self {
+            EntryKind::Dir => 1,
+            EntryKind::Regular => 2,
+            EntryKind::Symlink => 3,
+            EntryKind::Fifo => 4,
+            EntryKind::Char => 5,
+            EntryKind::Block => 6,
+            EntryKind::Socket => 7,
+        }
+    }
+
+    fn from_tag(tag: u8) -> Option<EntryKind> {
+        Some(match tag {
+            1 => EntryKind::Dir,
+            2 => EntryKind::Regular,
+            3 => EntryKind::Symlink,
+            4 => EntryKind::Fifo,
+            5 => EntryKind::Char,
+            6 => EntryKind::Block,
+            7 => EntryKind::Socket,
+            _ => return None,
+        })
+    }
+}
+
+/// One extended attribute (POSIX ACLs are `system.posix_acl_access` and
+/// `system.posix_acl_default`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Xattr<'a> {
+    /// Its name.
+    pub name: Cow<'a, OsStr>,
+    /// Its value.
+    pub value: Cow<'a, [u8]>,
+}
+
+/// One entry of the tree of a full synchronisation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TreeEntry<'a> {
+    /// The path relative to the root (`""`: the root itself, always the first entry).
+    pub path: Cow<'a, Path>,
+    /// What it is.
+    pub kind: EntryKind,
+    /// The permission bits with set-user-ID, set-group-ID and sticky (`st_mode & 0o7777`).
+    pub mode: u32,
+    /// The owner.
+    pub uid: u32,
+    /// The group.
+    pub gid: u32,
+    /// The device number (`st_rdev`) of a character or block device, else 0.
+    pub rdev: u64,
+    /// The size of a regular file, else 0.
+    pub size: u64,
+    /// Last access.
+    pub atime: Timestamp,
+    /// Last modification.
+    pub mtime: Timestamp,
+    /// The target of a symlink (`Some` exactly for symlinks).
+    pub target: Option<Cow<'a, Path>>,
+    /// The extended attributes, POSIX ACLs included.
+    pub xattrs: Vec<Xattr<'a>>,
+}
+
+impl TreeEntry<'_> {
+    /// Converts the borrowed fields to owned ones.
+    pub fn into_owned(self) -> TreeEntry<'static> {
+        TreeEntry {
+            path: Cow::Owned(self.path.into_owned()),
+            kind: self.kind,
+            mode: self.mode,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: self.rdev,
+            size: self.size,
+            atime: self.atime,
+            mtime: self.mtime,
+            target: self.target.map(|t| Cow::Owned(t.into_owned())),
+            xattrs: self
+                .xattrs
+                .into_iter()
+                .map(|x| Xattr {
+                    name: Cow::Owned(x.name.into_owned()),
+                    value: Cow::Owned(x.value.into_owned()),
+                })
+                .collect(),
+        }
+    }
 }
 
 impl Record<'_> {
@@ -89,6 +282,47 @@ impl Record<'_> {
             Record::Applied { seq, outcome } => Record::Applied { seq, outcome },
             Record::Forget { id } => Record::Forget { id },
             Record::Ack { seq, error } => Record::Ack { seq, error },
+            Record::SyncRequest { module, dir } => Record::SyncRequest { module, dir },
+            Record::SyncRefused { reason } => Record::SyncRefused { reason },
+            Record::SyncEntry(e) => Record::SyncEntry(e.into_owned()),
+            Record::SyncLink { path, to } => Record::SyncLink {
+                path: Cow::Owned(path.into_owned()),
+                to: Cow::Owned(to.into_owned()),
+            },
+            Record::SyncData {
+                index,
+                offset,
+                data,
+            } => Record::SyncData {
+                index,
+                offset,
+                data: Cow::Owned(data.into_owned()),
+            },
+            Record::SyncEnd {
+                next_seq,
+                entries,
+                bytes,
+            } => Record::SyncEnd {
+                next_seq,
+                entries,
+                bytes,
+            },
+        }
+    }
+
+    /// A short name of the record's kind (for logs and errors).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Record::Mutation(_) => "mutation",
+            Record::Applied { .. } => "applied",
+            Record::Forget { .. } => "forget",
+            Record::Ack { .. } => "ack",
+            Record::SyncRequest { .. } => "sync request",
+            Record::SyncRefused { .. } => "sync refused",
+            Record::SyncEntry(_) => "sync entry",
+            Record::SyncLink { .. } => "sync link",
+            Record::SyncData { .. } => "sync data",
+            Record::SyncEnd { .. } => "sync end",
         }
     }
 }
@@ -98,6 +332,12 @@ const R_MUTATION: u8 = 1;
 const R_APPLIED: u8 = 2;
 const R_FORGET: u8 = 3;
 const R_ACK: u8 = 4;
+const R_SYNC_REQUEST: u8 = 5;
+const R_SYNC_REFUSED: u8 = 6;
+const R_SYNC_ENTRY: u8 = 7;
+const R_SYNC_LINK: u8 = 8;
+const R_SYNC_DATA: u8 = 9;
+const R_SYNC_END: u8 = 10;
 
 // Operation tags.
 const OP_WRITE: u8 = 1;
@@ -230,6 +470,66 @@ fn encode_body<'r>(record: &'r Record<'_>, w: &mut Writer<'_>) -> Result<&'r [u8
             w.u8(R_ACK);
             w.u64(*seq);
             w.opt(*error, Writer::i32);
+            Ok(&[])
+        }
+        Record::SyncRequest { module, dir } => {
+            w.u8(R_SYNC_REQUEST);
+            w.bytes(module.as_bytes())?;
+            w.u32(*dir);
+            Ok(&[])
+        }
+        Record::SyncRefused { reason } => {
+            w.u8(R_SYNC_REFUSED);
+            w.bytes(reason.as_bytes())?;
+            Ok(&[])
+        }
+        Record::SyncEntry(e) => {
+            w.u8(R_SYNC_ENTRY);
+            w.path(&e.path)?;
+            w.u8(e.kind.tag());
+            w.u32(e.mode);
+            w.u32(e.uid);
+            w.u32(e.gid);
+            w.u64(e.rdev);
+            w.u64(e.size);
+            w.time(e.atime);
+            w.time(e.mtime);
+            w.opt_path(e.target.as_deref())?;
+            let count =
+                u32::try_from(e.xattrs.len()).map_err(|_| WireError::TooLarge(e.xattrs.len()))?;
+            w.u32(count);
+            for x in &e.xattrs {
+                w.bytes(x.name.as_bytes())?;
+                w.bytes(&x.value)?;
+            }
+            Ok(&[])
+        }
+        Record::SyncLink { path, to } => {
+            w.u8(R_SYNC_LINK);
+            w.path(path)?;
+            w.path(to)?;
+            Ok(&[])
+        }
+        Record::SyncData {
+            index,
+            offset,
+            data,
+        } => {
+            w.u8(R_SYNC_DATA);
+            w.u64(*index);
+            w.u64(*offset);
+            // The data is the rest of the frame.
+            Ok(data.as_ref())
+        }
+        Record::SyncEnd {
+            next_seq,
+            entries,
+            bytes,
+        } => {
+            w.u8(R_SYNC_END);
+            w.u64(*next_seq);
+            w.u64(*entries);
+            w.u64(*bytes);
             Ok(&[])
         }
     }
@@ -554,6 +854,51 @@ impl<'a> Reader<'a> {
     fn path(&mut self) -> Result<&'a Path, WireError> {
         Ok(Path::new(self.os_str()?))
     }
+    fn string(&mut self, field: &'static str) -> Result<String, WireError> {
+        std::str::from_utf8(self.bytes()?)
+            .map(str::to_owned)
+            .map_err(|_| WireError::Invalid(field))
+    }
+    fn tree_entry(&mut self) -> Result<TreeEntry<'a>, WireError> {
+        let path = Cow::Borrowed(self.path()?);
+        let kind = EntryKind::from_tag(self.u8()?).ok_or(WireError::Invalid("kind"))?;
+        let mode = self.u32()?;
+        if mode & !0o7777 != 0 {
+            return Err(WireError::Invalid("mode"));
+        }
+        let uid = self.u32()?;
+        let gid = self.u32()?;
+        let rdev = self.u64()?;
+        let size = self.u64()?;
+        let atime = self.time()?;
+        let mtime = self.time()?;
+        let target = self.opt("target", |r| r.path().map(Cow::Borrowed))?;
+        if target.is_some() != (kind == EntryKind::Symlink) {
+            return Err(WireError::Invalid("target"));
+        }
+        let count = self.u32()?;
+        // Each xattr takes 8 bytes at least: no allocation beyond what the frame can hold.
+        let mut xattrs = Vec::with_capacity((count as usize).min(self.buf.len() / 8));
+        for _ in 0..count {
+            xattrs.push(Xattr {
+                name: Cow::Borrowed(self.os_str()?),
+                value: Cow::Borrowed(self.bytes()?),
+            });
+        }
+        Ok(TreeEntry {
+            path,
+            kind,
+            mode,
+            uid,
+            gid,
+            rdev,
+            size,
+            atime,
+            mtime,
+            target,
+            xattrs,
+        })
+    }
     fn opt<T>(
         &mut self,
         field: &'static str,
@@ -650,6 +995,37 @@ pub fn decode(body: &[u8]) -> Result<Record<'_>, WireError> {
         R_ACK => Record::Ack {
             seq: r.u64()?,
             error: r.opt("error", |r| r.i32())?,
+        },
+        R_SYNC_REQUEST => Record::SyncRequest {
+            module: r.string("module")?,
+            dir: r.u32()?,
+        },
+        R_SYNC_REFUSED => Record::SyncRefused {
+            reason: r.string("reason")?,
+        },
+        R_SYNC_ENTRY => Record::SyncEntry(r.tree_entry()?),
+        R_SYNC_LINK => Record::SyncLink {
+            path: Cow::Borrowed(r.path()?),
+            to: Cow::Borrowed(r.path()?),
+        },
+        R_SYNC_DATA => {
+            let index = r.u64()?;
+            let offset = r.u64()?;
+            // The rest of the frame is the data.
+            let data = r.take(r.buf.len())?;
+            if data.len() > SYNC_CHUNK {
+                return Err(WireError::Invalid("sync data length"));
+            }
+            Record::SyncData {
+                index,
+                offset,
+                data: Cow::Borrowed(data),
+            }
+        }
+        R_SYNC_END => Record::SyncEnd {
+            next_seq: r.u64()?,
+            entries: r.u64()?,
+            bytes: r.u64()?,
         },
         tag => return Err(WireError::UnknownTag(tag)),
     };
@@ -963,6 +1339,82 @@ mod tests {
             seq: 4,
             error: None,
         });
+        out.extend(sync_records());
+        out
+    }
+
+    /// One record of every full-synchronisation kind (and every entry kind).
+    fn sync_records() -> Vec<Record<'static>> {
+        let mut out = vec![
+            Record::SyncRequest {
+                module: "pg é".into(),
+                dir: 3,
+            },
+            Record::SyncRefused {
+                reason: "not primary".into(),
+            },
+        ];
+        let kinds = [
+            EntryKind::Dir,
+            EntryKind::Regular,
+            EntryKind::Symlink,
+            EntryKind::Fifo,
+            EntryKind::Char,
+            EntryKind::Block,
+            EntryKind::Socket,
+        ];
+        for (i, kind) in kinds.into_iter().enumerate() {
+            out.push(Record::SyncEntry(TreeEntry {
+                path: Cow::Owned(if i == 0 {
+                    PathBuf::new()
+                } else {
+                    PathBuf::from(format!("d/e{i}"))
+                }),
+                kind,
+                mode: [0o2775, 0o4751, 0o777, 0o600, 0o620, 0o660, 0o1755][i],
+                uid: 1234,
+                gid: 5678,
+                rdev: if matches!(kind, EntryKind::Char | EntryKind::Block) {
+                    libc::makedev(8, 1)
+                } else {
+                    0
+                },
+                size: if kind == EntryKind::Regular {
+                    5 << 20
+                } else {
+                    0
+                },
+                atime: t(1_600_000_000, 5),
+                mtime: t(-1, 999_999_999),
+                target: (kind == EntryKind::Symlink)
+                    .then(|| Cow::Owned(PathBuf::from("../../outside"))),
+                xattrs: (0..i % 3)
+                    .map(|n| Xattr {
+                        name: Cow::Owned(OsString::from(format!("user.x{n}"))),
+                        value: Cow::Owned(vec![n as u8; n * 7]),
+                    })
+                    .collect(),
+            }));
+        }
+        out.push(Record::SyncLink {
+            path: Cow::Owned(PathBuf::from("d2/link")),
+            to: Cow::Owned(PathBuf::from("d/e1")),
+        });
+        out.push(Record::SyncData {
+            index: 2,
+            offset: 3 << 20,
+            data: Cow::Owned(vec![0x5a; SYNC_CHUNK]),
+        });
+        out.push(Record::SyncData {
+            index: 2,
+            offset: 0,
+            data: Cow::Owned(Vec::new()),
+        });
+        out.push(Record::SyncEnd {
+            next_seq: 42,
+            entries: 9,
+            bytes: SYNC_CHUNK as u64,
+        });
         out
     }
 
@@ -1024,7 +1476,7 @@ mod tests {
                 Record::Mutation(Mutation {
                     op: Op::Write { .. },
                     ..
-                })
+                }) | Record::SyncData { .. }
             );
             for cut in 0..body.len() {
                 let res = decode(&body[..cut]);
@@ -1098,6 +1550,65 @@ mod tests {
             Err(WireError::TooLarge(_))
         ));
         assert_eq!(out, vec![1, 2, 3], "nothing appended on error");
+    }
+
+    #[test]
+    fn invalid_sync_fields_are_rejected() {
+        let entry = |f: &dyn Fn(&mut TreeEntry<'static>)| {
+            let Some(Record::SyncEntry(mut e)) = sync_records()
+                .into_iter()
+                .find(|r| matches!(r, Record::SyncEntry(e) if e.kind == EntryKind::Symlink))
+            else {
+                panic!("no symlink entry");
+            };
+            f(&mut e);
+            let frame = to_frame(&Record::SyncEntry(e)).unwrap();
+            decode_frame(&frame).map(Record::into_owned)
+        };
+        assert!(entry(&|_| {}).is_ok());
+        assert_eq!(
+            entry(&|e| e.mode = 0o10000),
+            Err(WireError::Invalid("mode"))
+        );
+        assert_eq!(
+            entry(&|e| e.target = None),
+            Err(WireError::Invalid("target"))
+        );
+        assert_eq!(
+            entry(&|e| e.kind = EntryKind::Regular),
+            Err(WireError::Invalid("target"))
+        );
+        // An unknown kind.
+        let mut body = to_frame(&Record::SyncLink {
+            path: Cow::Borrowed(Path::new("")),
+            to: Cow::Borrowed(Path::new("")),
+        })
+        .unwrap()[PREFIX_LEN..]
+            .to_vec();
+        body[0] = R_SYNC_ENTRY;
+        body.truncate(5);
+        body.push(8);
+        assert_eq!(decode(&body), Err(WireError::Invalid("kind")));
+        // A module name that is not UTF-8.
+        let mut body = vec![R_SYNC_REQUEST];
+        body.extend_from_slice(&1u32.to_le_bytes());
+        body.push(0xff);
+        body.extend_from_slice(&0u32.to_le_bytes());
+        assert_eq!(decode(&body), Err(WireError::Invalid("module")));
+        // A data chunk above the limit.
+        let mut body = vec![R_SYNC_DATA];
+        body.extend_from_slice(&[0; 16]);
+        body.resize(body.len() + SYNC_CHUNK + 1, 0);
+        assert_eq!(decode(&body), Err(WireError::Invalid("sync data length")));
+        // A huge xattr count in a short frame fails without allocating for it.
+        let Record::SyncEntry(mut e) = sync_records().remove(2) else {
+            panic!("not an entry");
+        };
+        e.xattrs.clear();
+        let mut frame = to_frame(&Record::SyncEntry(e)).unwrap();
+        let len = frame.len();
+        frame[len - 4..].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode_frame(&frame), Err(WireError::Truncated));
     }
 
     fn arb_bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
@@ -1295,7 +1806,7 @@ mod tests {
 
         #[test]
         fn random_bytes_after_a_valid_tag_never_panic(
-            tag in 1..=4u8,
+            tag in 1..=10u8,
             op in 0..=15u8,
             rest in arb_bytes(200),
         ) {
@@ -1312,6 +1823,41 @@ mod tests {
         #[test]
         fn random_mutations_round_trip(seq in any::<u64>(), replicate in any::<bool>(), op in arb_op()) {
             let r = Record::Mutation(Mutation { seq, replicate, op });
+            let frame = to_frame(&r).unwrap();
+            prop_assert_eq!(decode_frame(&frame).unwrap(), r);
+        }
+
+        #[test]
+        fn random_tree_entries_round_trip(
+            path in arb_bytes(40),
+            kind in 1..=7u8,
+            mode in 0..=0o7777u32,
+            ids in (any::<u32>(), any::<u32>(), any::<u64>(), any::<u64>()),
+            times in (arb_time(), arb_time()),
+            target in arb_bytes(40),
+            xattrs in proptest::collection::vec((arb_bytes(20), arb_bytes(100)), 0..5),
+        ) {
+            let kind = EntryKind::from_tag(kind).unwrap();
+            let r = Record::SyncEntry(TreeEntry {
+                path: Cow::Owned(PathBuf::from(OsString::from_vec(path))),
+                kind,
+                mode,
+                uid: ids.0,
+                gid: ids.1,
+                rdev: ids.2,
+                size: ids.3,
+                atime: times.0,
+                mtime: times.1,
+                target: (kind == EntryKind::Symlink)
+                    .then(|| Cow::Owned(PathBuf::from(OsString::from_vec(target)))),
+                xattrs: xattrs
+                    .into_iter()
+                    .map(|(n, v)| Xattr {
+                        name: Cow::Owned(OsString::from_vec(n)),
+                        value: Cow::Owned(v),
+                    })
+                    .collect(),
+            });
             let frame = to_frame(&r).unwrap();
             prop_assert_eq!(decode_frame(&frame).unwrap(), r);
         }

@@ -256,6 +256,7 @@ fn black_hole() -> (SocketAddr, JoinHandle<()>, mpsc::Sender<()>) {
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
     let h = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
+        tandem_replica::transport::read_magic(&mut s).unwrap();
         let mut hello = vec![0u8; 4 + PLAINTEXT_HELLO.len()];
         s.read_exact(&mut hello).unwrap();
         let mut reply = (PLAINTEXT_HELLO.len() as u32).to_le_bytes().to_vec();
@@ -298,6 +299,70 @@ fn unresponsive_secondary_times_out_then_fail_all() {
     guard.0.take().unwrap().unmount().ok();
     let _ = stop.send(());
     hole.join().unwrap();
+}
+
+#[test]
+fn abort_declares_the_secondary_lost_and_bytes_in_flight_are_counted() {
+    use std::borrow::Cow;
+    use tandem_fs::{Completion, FileId, Mutation, NodeRef, Op, SyncMode};
+    use tandem_replica::Connection;
+    use tandem_replica::transport::read_magic;
+
+    // A secondary that authenticates and never acks.
+    let (listener, addr) = listen();
+    let peer = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        read_magic(&mut s).unwrap();
+        Connection::accept(s, &Security::Plaintext).unwrap()
+    });
+    let conn = Connection::dial(addr, &Security::Plaintext).unwrap();
+    let _peer = peer.join().unwrap();
+    let (tx, lost) = mpsc::channel();
+    let options = NetOptions {
+        timeout: Duration::from_secs(60),
+        ..NetOptions::new(Security::Plaintext)
+    };
+    let rep = NetReplicator::start(conn, 10, options, move |l: &Lost| {
+        let _ = tx.send(l.clone());
+    })
+    .unwrap();
+    let write = |seq| Mutation {
+        seq,
+        replicate: true,
+        op: Op::Write {
+            node: NodeRef {
+                nodeid: 2,
+                generation: 0,
+                id: FileId { dev: 1, ino: 2 },
+                path: Some("f".into()),
+            },
+            fh: 1,
+            offset: 0,
+            data: Cow::Owned(vec![7; 5000]),
+            sync: SyncMode::None,
+            kill_suidgid: false,
+        },
+    };
+    // Below the first seq: not sent, failed.
+    rep.submit(&write(9), Completion::detached());
+    assert_eq!(rep.stats().in_flight, 0);
+    rep.submit(&write(10), Completion::detached());
+    rep.submit(&write(11), Completion::detached());
+    let stats = rep.stats();
+    assert_eq!(stats.in_flight, 2);
+    assert!(stats.in_flight_bytes > 10_000, "{stats:?}");
+    rep.abort("the secondary asked for a new synchronisation");
+    let report = lost.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        report.reason,
+        "the secondary asked for a new synchronisation"
+    );
+    assert_eq!(report.held, 2);
+    assert_eq!(rep.state(), ReplicationState::Holding);
+    rep.fail_all();
+    let stats = rep.stats();
+    assert_eq!((stats.in_flight, stats.in_flight_bytes), (0, 0));
+    assert!(lost.try_recv().is_err(), "reported once");
 }
 
 // ------------------------------------------------------------------------------------ benchmark

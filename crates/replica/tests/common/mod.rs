@@ -466,6 +466,11 @@ pub fn extents(f: &File, size: u64) -> Vec<(u64, u64)> {
 }
 
 pub fn entry(path: &Path) -> (Entry, u64) {
+    entry_with(path, false)
+}
+
+/// [`entry`], with the mtime of a directory too when `dir_mtime`.
+pub fn entry_with(path: &Path, dir_mtime: bool) -> (Entry, u64) {
     let md = fs::symlink_metadata(path).unwrap();
     let ft = md.file_type();
     let kind = if ft.is_dir() {
@@ -497,7 +502,7 @@ pub fn entry(path: &Path) -> (Entry, u64) {
         uid: md.uid(),
         gid: md.gid(),
         size: if ft.is_dir() { 0 } else { md.size() },
-        mtime: (!ft.is_dir()).then(|| (md.mtime(), md.mtime_nsec())),
+        mtime: (dir_mtime || !ft.is_dir()).then(|| (md.mtime(), md.mtime_nsec())),
         nlink: md.nlink(),
         rdev: md.rdev(),
         target: ft.is_symlink().then(|| fs::read_link(path).unwrap()),
@@ -515,14 +520,26 @@ pub struct Snapshot {
 }
 
 pub fn snapshot(root: &Path) -> Snapshot {
+    snapshot_with(root, false, &tandem_fs::Exclusions::default())
+}
+
+/// A snapshot with directory mtimes when `dir_mtimes` (and the root's own entry, as `""`),
+/// without what `exclude` excludes.
+pub fn snapshot_with(root: &Path, dir_mtimes: bool, exclude: &tandem_fs::Exclusions) -> Snapshot {
     let mut entries = BTreeMap::new();
     let mut by_ino: BTreeMap<u64, Vec<PathBuf>> = BTreeMap::new();
+    if dir_mtimes {
+        entries.insert(PathBuf::new(), entry_with(root, true).0);
+    }
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         for e in fs::read_dir(&dir).unwrap() {
             let p = e.unwrap().path();
             let rel = p.strip_prefix(root).unwrap().to_path_buf();
-            let (e, ino) = entry(&p);
+            if exclude.is_excluded(&rel) {
+                continue;
+            }
+            let (e, ino) = entry_with(&p, dir_mtimes);
             if e.kind == "dir" {
                 stack.push(p.clone());
             } else {
@@ -729,6 +746,44 @@ pub fn assert_all_kinds(counts: &Counts, seed: u64) {
             "seed {seed}: no {kind} succeeded ({n} tried)"
         );
     }
+}
+
+/// The access times of every entry but symlinks (reading a symlink may change its own), without
+/// what `exclude` excludes. Directories are read with `O_NOATIME` and nothing else is opened, so
+/// the walk itself changes no access time.
+pub fn atimes(root: &Path, exclude: &tandem_fs::Exclusions) -> BTreeMap<PathBuf, (i64, i64)> {
+    use rustix::fs::{AtFlags, Mode, OFlags};
+    let mut out = BTreeMap::new();
+    let md = fs::symlink_metadata(root).unwrap();
+    out.insert(PathBuf::new(), (md.atime(), md.atime_nsec()));
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let fd = rustix::fs::open(
+            root.join(&rel),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::NOATIME,
+            Mode::empty(),
+        )
+        .unwrap();
+        let names: Vec<OsString> = rustix::fs::Dir::new(fd.try_clone().unwrap())
+            .unwrap()
+            .map(|e| OsStr::from_bytes(e.unwrap().file_name().to_bytes()).to_owned())
+            .filter(|n| n != "." && n != "..")
+            .collect();
+        for name in names {
+            let path = rel.join(&name);
+            if exclude.is_excluded(&path) {
+                continue;
+            }
+            let st = rustix::fs::statat(&fd, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW).unwrap();
+            match st.st_mode & libc::S_IFMT {
+                libc::S_IFLNK => continue,
+                libc::S_IFDIR => stack.push(path.clone()),
+                _ => {}
+            }
+            out.insert(path, (st.st_atime, st.st_atime_nsec as i64));
+        }
+    }
+    out
 }
 
 /// A and B are identical.
