@@ -6,7 +6,9 @@
 //! duplicate address, and the old application a second writer. The guard waits on a pipe from
 //! the daemon: a clean exit writes `bye` first; end of file without it means the daemon died, and
 //! the guard removes the module's VIPs and, where one was held, calls `stop_prim force` as for a
-//! forced stop, logging what it does in the module log.
+//! forced stop, logging what it does in the module log. Then it detaches the daemon's dead
+//! mounts of the replicated directories (the mounts have no watchdog of their own, so that the
+//! application is stopped before the plain directories are visible again).
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -139,6 +141,28 @@ fn fence(config: &Config, node: &str) -> Result<()> {
                         report.duration.as_millis()
                     ),
                 );
+            }
+            // Only now, with the application stopped, the dead mounts go: until then every
+            // access to the replicated directories failed, so nothing was written to the plain
+            // directories that the peer does not have.
+            for replicated in &module.replicated {
+                match tandem_fs::detach_dead_mount(&replicated.dir) {
+                    Ok(true) => write(
+                        Level::Warn,
+                        &format!(
+                            "guard: the daemon died; detached its mount of {}",
+                            replicated.dir.display()
+                        ),
+                    ),
+                    Ok(false) => {}
+                    Err(error) => write(
+                        Level::Error,
+                        &format!(
+                            "guard: cannot detach the mount of {}: {error}",
+                            replicated.dir.display()
+                        ),
+                    ),
+                }
             }
         }
         Ok(())

@@ -281,9 +281,21 @@ impl Replication {
             if dir.mount.is_some() {
                 continue;
             }
+            // A dead mount left by a daemon that died (its guard may not have run).
+            match tandem_fs::detach_dead_mount(&dir.path) {
+                Ok(true) => tracing::warn!(path = %dir.path.display(), "detached a dead mount"),
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(path = %dir.path.display(), "cannot detach a dead mount: {error}");
+                }
+            }
             let options = MountOptions {
                 mode: Mode::Secondary,
                 exclude: dir.exclude.clone(),
+                // When the daemon dies, its guard stops the application first and only then
+                // detaches the dead mount: the application never writes to the plain directory
+                // behind replication's back.
+                watchdog: false,
                 ..MountOptions::default()
             };
             match Mount::mount_in_place(&dir.path, options, dir.switch.clone()) {
@@ -392,7 +404,11 @@ impl Replication {
                 replicator.fail_all();
             }
             if let Some(mount) = &dir.mount {
-                mount.set_mode(if writable { Mode::Primary } else { Mode::Fenced });
+                mount.set_mode(if writable {
+                    Mode::Primary
+                } else {
+                    Mode::Fenced
+                });
             }
         }
     }
@@ -583,14 +599,12 @@ impl Replication {
             dir: u32::try_from(index).unwrap_or(u32::MAX),
         })
         .map_err(|e| retry(&e))?;
-        let (stats, next_seq) =
-            fullsync::receive_tree(mount.backing_dir(), exclusions, &mut conn).map_err(|e| {
-                match e {
-                    fullsync::SyncError::Refused(why) => SyncAttempt::Retry(format!(
-                        "the peer refused the synchronisation: {why}"
-                    )),
-                    other => SyncAttempt::Fatal(other.to_string()),
+        let (stats, next_seq) = fullsync::receive_tree(mount.backing_dir(), exclusions, &mut conn)
+            .map_err(|e| match e {
+                fullsync::SyncError::Refused(why) => {
+                    SyncAttempt::Retry(format!("the peer refused the synchronisation: {why}"))
                 }
+                other => SyncAttempt::Fatal(other.to_string()),
             })?;
         conn.set_read_timeout(None).map_err(|e| retry(&e))?;
         Ok((conn, stats, next_seq))
@@ -641,13 +655,20 @@ impl Replication {
         }
     }
 
-    fn serve_sync(&self, module: ModuleId, index: usize, mut conn: Connection) -> Result<(), String> {
+    fn serve_sync(
+        &self,
+        module: ModuleId,
+        index: usize,
+        mut conn: Connection,
+    ) -> Result<(), String> {
         let state = &self.inner.modules[module.0];
         let (path, exclude, mount, switch) = {
             let state = lock(state);
             let Some(dir) = state.dirs.get(index) else {
                 refuse(&mut conn, format!("no replicated directory {index}"));
-                return Err(format!("the peer asked for directory {index}, which does not exist"));
+                return Err(format!(
+                    "the peer asked for directory {index}, which does not exist"
+                ));
             };
             let Some(mount) = dir.mount.clone() else {
                 refuse(&mut conn, "the module is not running here".into());
@@ -677,7 +698,12 @@ impl Replication {
                     ReplicationState::RecordingLocally | ReplicationState::Failed => {}
                 }
             }
-            (dir.path.clone(), dir.exclude.clone(), mount, dir.switch.clone())
+            (
+                dir.path.clone(),
+                dir.exclude.clone(),
+                mount,
+                dir.switch.clone(),
+            )
         };
         let exclusions = Exclusions::new(&exclude).map_err(|e| e.to_string())?;
         let started = Instant::now();
@@ -809,9 +835,7 @@ impl Replication {
                 acks += stats.acks;
             }
         }
-        if acks > 0 {
-            status.ack_latency_us = latency_sum / acks;
-        }
+        status.ack_latency_us = latency_sum.checked_div(acks).unwrap_or(0);
         status
     }
 

@@ -171,6 +171,11 @@ pub struct MountOptions {
     pub max_write: u32,
     /// FUSE worker threads (each with its own cloned `/dev/fuse` descriptor when more than one).
     pub threads: usize,
+    /// Fork the watchdog that detaches the mount when this process dies (default true). A
+    /// caller that must first stop the writers of a dead mount (the daemon: its guard stops the
+    /// application, then calls [`detach_dead_mount`]) turns it off: while the dead mount stays,
+    /// every access fails (`ENOTCONN`), so nothing can write to the plain directory unreplicated.
+    pub watchdog: bool,
 }
 
 impl Default for MountOptions {
@@ -180,6 +185,7 @@ impl Default for MountOptions {
             exclude: Vec::new(),
             max_write: 4 << 20,
             threads: 2,
+            watchdog: true,
         }
     }
 }
@@ -216,6 +222,25 @@ pub struct Stats {
     pub inodes: usize,
     /// Open file handles.
     pub open_files: usize,
+}
+
+/// Detaches the mount at `path` if it is a dead FUSE connection (its server died: every access
+/// fails with `ENOTCONN`), so that the plain directory is back. Returns whether it did. A live
+/// mount, another filesystem or a missing path are left alone (`Ok(false)`).
+pub fn detach_dead_mount(path: &Path) -> io::Result<bool> {
+    for _ in 0..100 {
+        match rustix::fs::statfs(path) {
+            Err(rustix::io::Errno::NOTCONN) => {
+                rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH)?;
+                return Ok(true);
+            }
+            // A request in flight when the connection was aborted: ask again.
+            Err(rustix::io::Errno::CONNABORTED | rustix::io::Errno::INTR) => continue,
+            Err(_) => return Ok(false),
+            Ok(_) => return Ok(false),
+        }
+    }
+    Ok(false)
 }
 
 /// A frozen mount (see [`Mount::freeze`]); unfreezes when dropped.
@@ -373,12 +398,16 @@ impl Mount {
                 return Err(mount_err(e.into()));
             }
         };
-        let watchdog = match watchdog::Watchdog::start(&path) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "no unmount watchdog");
-                None
+        let watchdog = if options.watchdog {
+            match watchdog::Watchdog::start(&path) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "no unmount watchdog");
+                    None
+                }
             }
+        } else {
+            None
         };
         tracing::info!(path = %path.display(), mode = ?options.mode, "tandem-fs mounted");
         Ok(Mount {
