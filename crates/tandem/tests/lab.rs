@@ -526,7 +526,8 @@ fn the_demo_commands_build_describe_run_in_and_remove_the_lab() {
         assert_eq!(state.status.code(), Some(3), "node1 is PRIM");
         let state = demo(&["exec", "node2", "--", "tandem", "state"]);
         assert_eq!(state.status.code(), Some(4), "node2 is SECOND");
-        // Same replicated path on both nodes, different backing directories.
+        // Same replicated path on both nodes, different backing directories: what node1 writes
+        // is on node2 when the write returns.
         let written = demo(&[
             "exec",
             "node1",
@@ -538,9 +539,11 @@ fn the_demo_commands_build_describe_run_in_and_remove_the_lab() {
         assert!(written.status.success());
         let read = demo(&["exec", "node2", "--", "cat", "/srv/tandem-demo/data/mark"]);
         assert!(
-            !read.status.success(),
-            "node2 has its own directory until replication exists"
+            read.status.success(),
+            "{}",
+            String::from_utf8_lossy(&read.stderr)
         );
+        assert_eq!(String::from_utf8_lossy(&read.stdout), "one\n");
     });
     let down = demo(&["down"]);
     assert!(

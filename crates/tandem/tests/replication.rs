@@ -225,7 +225,10 @@ fn secondary_is_read_only_with_replicated_data_and_stop_leaves_the_plain_directo
     // `tandem status` shows the replication and its figures on the primary.
     let replication = module_status(&cluster, "node1")["replication"].clone();
     assert_eq!(replication["active"], true, "{replication}");
-    assert!(replication["ack_latency_us"].as_u64().unwrap() > 0, "{replication}");
+    assert!(
+        replication["ack_latency_us"].as_u64().unwrap() > 0,
+        "{replication}"
+    );
     assert_eq!(replication["inflight_ops"], 0, "{replication}");
 
     // Local writes on the secondary fail with EROFS.
