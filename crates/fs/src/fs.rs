@@ -437,11 +437,16 @@ impl Shared {
             }),
         });
         self.submitted.fetch_add(1, Ordering::Relaxed);
-        {
+        let parents = {
             let mutation = Mutation { seq, replicate, op };
             self.replicator
                 .submit(&mutation, Completion::new(join.clone()));
-        }
+            if replicate {
+                mutation.op.parent_dirs()
+            } else {
+                Vec::new()
+            }
+        };
         // Data operations needed the namespace lock only to name their target consistently
         // with renames in `seq` order.
         ns_shared.take();
@@ -462,15 +467,27 @@ impl Shared {
                 error: None,
                 attr: a.attr,
                 written: a.written,
+                dirs: self.dir_attrs(&parents),
             },
             Err(e) => Outcome {
                 error: Some(e.code()),
                 attr: None,
                 written: None,
+                dirs: Vec::new(),
             },
         };
         self.replicator.applied(seq, &outcome);
         join.local_done(result.map(|a| a.value));
+    }
+
+    /// The attributes of the directories `ids` (by backing identity) as they are now.
+    fn dir_attrs(&self, ids: &[FileId]) -> Vec<Attr> {
+        ids.iter()
+            .filter_map(|id| self.table.nodeid_of(*id))
+            .filter_map(|nodeid| self.table.get(nodeid))
+            .filter_map(|inode| sys::stat_fd(inode.fd.as_fd()).ok())
+            .map(|st| sys::attr_of(&st))
+            .collect()
     }
 
     fn create_node(

@@ -502,6 +502,24 @@ impl Op<'_> {
         }
     }
 
+    /// The primary's identities of the directories whose entries the operation changes (the
+    /// parent of a created, linked or removed name; both parents of a rename, once if the same).
+    pub fn parent_dirs(&self) -> Vec<FileId> {
+        let mut dirs = match self {
+            Op::Create { entry, .. }
+            | Op::Mknod { entry, .. }
+            | Op::Mkdir { entry, .. }
+            | Op::Symlink { entry, .. }
+            | Op::Unlink { entry, .. }
+            | Op::Rmdir { entry, .. } => vec![entry.parent.id],
+            Op::Link { new, .. } => vec![new.parent.id],
+            Op::Rename { from, to, .. } => vec![from.parent.id, to.parent.id],
+            _ => Vec::new(),
+        };
+        dirs.dedup();
+        dirs
+    }
+
     /// A short name of the operation kind.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -538,4 +556,7 @@ pub struct Outcome {
     /// For a write: the number of bytes written locally (less than the data on a short write,
     /// e.g. `ENOSPC` in the middle).
     pub written: Option<u64>,
+    /// Attributes after the apply of the directories whose entries changed
+    /// ([`Op::parent_dirs`]): their `mtime`/`ctime` moved too, and the peer copies them.
+    pub dirs: Vec<Attr>,
 }

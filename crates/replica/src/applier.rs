@@ -246,6 +246,19 @@ impl Applier {
                 "{primary} bytes written on the primary, {local} here"
             ))));
         }
+        // The directories whose entries changed: their times moved on the primary too.
+        for dir in &outcome.dirs {
+            let node = lock(&self.table).get(&dir.id).cloned();
+            if let Some(node) = node
+                && node.kind == libc::S_IFDIR
+                && node.times_seq.fetch_max(seq, Ordering::AcqRel) < seq
+                && let Err(e) = sys::set_times(node.fd.as_fd(), Some(dir.atime), Some(dir.mtime))
+            {
+                return Err(diverged(Some(format!(
+                    "directory times not copied: errno {e}"
+                ))));
+            }
+        }
         let (Some(attr), Some(node)) = (outcome.attr, p.target.as_ref()) else {
             return Ok(());
         };

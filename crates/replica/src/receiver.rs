@@ -116,9 +116,10 @@ impl Receiver {
             let target = target.clone();
             let stop = stop.clone();
             let sequencer = Sequencer::starting_at(target.clone(), first_seq.max(1));
+            let control = stream.try_clone()?;
             std::thread::Builder::new()
                 .name("tandem-recv-apply".into())
-                .spawn(move || apply_loop(sequencer, out, &rx, &stop))?
+                .spawn(move || apply_loop(sequencer, out, &rx, &stop, &target, &control))?
         };
         Ok(Receiver {
             target,
@@ -248,11 +249,18 @@ fn read_loop(
 }
 
 /// Applies in order and acks; returns how many mutations were left waiting.
+///
+/// A divergence (this node's result of a mutation differs from the primary's) ends the stream:
+/// the connection is shut down without acknowledging anything more, so the primary counts this
+/// secondary as lost, starts a new data generation and resynchronises it, instead of going on
+/// with replicas that differ.
 fn apply_loop(
     mut sequencer: Sequencer<()>,
     mut out: FrameWriter,
     rx: &mpsc::Receiver<Input<()>>,
     stop: &AtomicBool,
+    target: &Target,
+    control: &TcpStream,
 ) -> usize {
     let mut ack_buf = Vec::with_capacity(64);
     let mut broken = false;
@@ -262,7 +270,7 @@ fn apply_loop(
             break;
         }
         sequencer.push(input, &mut |seq, (), _kind, result: Result<(), i32>| {
-            if broken {
+            if broken || target.divergence_count() > 0 {
                 return;
             }
             ack_buf.clear();
@@ -274,6 +282,13 @@ fn apply_loop(
                 broken = true;
             }
         });
+        if target.divergence_count() > 0 {
+            tracing::warn!(
+                "replicas diverge: ending the stream so that the primary resynchronises"
+            );
+            let _ = control.shutdown(Shutdown::Both);
+            break;
+        }
         next = match rx.try_recv() {
             Ok(m) => Ok(m),
             Err(TryRecvError::Empty) => {

@@ -459,6 +459,13 @@ fn encode_body<'r>(record: &'r Record<'_>, w: &mut Writer<'_>) -> Result<&'r [u8
             w.opt(outcome.error, Writer::i32);
             w.opt(outcome.attr.as_ref(), Writer::attr);
             w.opt(outcome.written, Writer::u64);
+            // At most two: the parents of a rename.
+            let count = u8::try_from(outcome.dirs.len())
+                .map_err(|_| WireError::TooLarge(outcome.dirs.len()))?;
+            w.u8(count);
+            for dir in &outcome.dirs {
+                w.attr(dir);
+            }
             Ok(&[])
         }
         Record::Forget { id } => {
@@ -989,6 +996,10 @@ pub fn decode(body: &[u8]) -> Result<Record<'_>, WireError> {
                 error: r.opt("error", |r| r.i32())?,
                 attr: r.opt("attr", |r| r.attr())?,
                 written: r.opt("written", |r| r.u64())?,
+                dirs: {
+                    let count = r.u8()?;
+                    (0..count).map(|_| r.attr()).collect::<Result<_, _>>()?
+                },
             },
         },
         R_FORGET => Record::Forget { id: r.file_id()? },
@@ -1318,6 +1329,7 @@ mod tests {
                 error: None,
                 attr: Some(attr),
                 written: Some(99),
+                dirs: vec![attr, attr],
             },
         });
         out.push(Record::Applied {
@@ -1326,6 +1338,7 @@ mod tests {
                 error: Some(libc::ENOENT),
                 attr: None,
                 written: None,
+                dirs: Vec::new(),
             },
         });
         out.push(Record::Forget {

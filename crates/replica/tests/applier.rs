@@ -72,6 +72,7 @@ fn ok_outcome(attr: Option<Attr>, written: Option<u64>) -> Outcome {
         error: None,
         attr,
         written,
+        dirs: Vec::new(),
     }
 }
 
@@ -547,6 +548,7 @@ fn divergences_are_reported() {
                 error: Some(libc::ENOENT),
                 attr: None,
                 written: None,
+                dirs: Vec::new(),
             },
         )
         .unwrap();
@@ -567,6 +569,7 @@ fn divergences_are_reported() {
                 error: Some(libc::ENOSPC),
                 attr: None,
                 written: None,
+                dirs: Vec::new(),
             },
         )
         .unwrap_err();

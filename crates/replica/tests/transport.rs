@@ -499,3 +499,32 @@ fn benchmark_net_replicator_vs_local_only() {
     }
     eprintln!("(ratios against the LocalOnly mount)");
 }
+
+/// A divergence (the secondary's result differs from the primary's) ends the stream: the
+/// primary counts the secondary as lost (so the daemon starts a new generation and
+/// resynchronises it) instead of going on with replicas that differ.
+#[test]
+fn divergence_ends_the_stream_and_the_primary_counts_the_secondary_lost() {
+    let (_a_dir, _b_dir, a, b) = trees();
+    // Only on the secondary: the primary's mkdir succeeds, the secondary's fails (EEXIST).
+    fs::write(b.join("only-here"), b"x").unwrap();
+    let security = noise("s");
+    let (addr, receiver) = spawn_receiver(&b, &security);
+    let (rep, lost) = connect(addr, security, Duration::from_secs(5));
+    let rep = Arc::new(rep.unwrap());
+    let mut receiver = receiver.join().unwrap().unwrap();
+    let mut guard = mount(&a, rep.clone());
+    // The mkdir's reply waits for the secondary's ack, which fails: the application sees an
+    // error (EIO) for a change applied here; the secondary reports the divergence when the
+    // primary's outcome arrives and ends the stream.
+    let _ = fs::create_dir(a.join("only-here"));
+    let report = lost
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the primary sees the secondary lost");
+    eprintln!("lost: {report:?}");
+    let ended = receiver.wait();
+    assert!(ended.stats.divergences >= 1, "{ended:?}");
+    assert_eq!(rep.state(), ReplicationState::Holding);
+    rep.record_locally();
+    guard.0.take().unwrap().unmount().unwrap();
+}
