@@ -474,10 +474,21 @@ impl Replication {
                 return;
             }
             state.sync = Some(id);
+            let mut old = Vec::new();
             for dir in &mut state.dirs {
                 drop(dir.receiver.take());
                 if let Some(mount) = &dir.mount {
                     mount.set_mode(Mode::Secondary);
+                }
+                // A stream this node sent as primary (before a swap) is over: nothing is written
+                // here any more, and a later promotion starts without a peer.
+                old.push(dir.switch.set(Target::Local));
+            }
+            drop(state);
+            for target in old {
+                if let Target::Net { replicator, .. } = target {
+                    replicator.fail_all();
+                    replicator.close();
                 }
             }
         }

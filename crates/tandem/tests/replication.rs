@@ -289,3 +289,38 @@ fn secondary_is_read_only_with_replicated_data_and_stop_leaves_the_plain_directo
         );
     }
 }
+
+/// Roles swapped twice, with writes in between: each new secondary is resynchronised from the
+/// new primary and then receives its writes; the data written on each side is on both.
+#[test]
+fn swap_back_and_forth_keeps_replicating_both_ways() {
+    let cluster = cluster();
+    bootstrap(&cluster);
+    let write = |node: &str, name: &str, text: &str| {
+        sh_ok(
+            &cluster,
+            node,
+            &format!("echo {text} > {f} && sync {f}", f = data(name)),
+        );
+    };
+    let read = |node: &str, name: &str| sh_ok(&cluster, node, &format!("cat {}", data(name)));
+    write("node1", "one", "written on node1");
+    assert_eq!(read("node2", "one"), "written on node1\n");
+
+    cluster.tandem_ok("node1", &["swap"]).unwrap();
+    wait_pair(&cluster, "node2", "node1");
+    write("node2", "two", "written on node2");
+    assert_eq!(read("node1", "two"), "written on node2\n");
+    assert_eq!(read("node1", "one"), "written on node1\n");
+
+    cluster.tandem_ok("node2", &["swap"]).unwrap();
+    wait_pair(&cluster, "node1", "node2");
+    write("node1", "three", "written on node1 again");
+    for node in ["node1", "node2"] {
+        assert_eq!(read(node, "one"), "written on node1\n");
+        assert_eq!(read(node, "two"), "written on node2\n");
+        assert_eq!(read(node, "three"), "written on node1 again\n");
+    }
+    let status = module_status(&cluster, "node1");
+    assert_eq!(status["replication"]["active"], true, "{status}");
+}
