@@ -119,6 +119,9 @@ pub struct VipStatus {
 /// Replication figures.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReplicationStatus {
+    /// Replicated directories of the module.
+    #[serde(default)]
+    pub directories: usize,
     /// Replication is running.
     pub active: bool,
     /// Operations in flight.

@@ -833,6 +833,7 @@ impl Replication {
             return status;
         };
         let state = lock(state);
+        status.directories = state.dirs.len();
         let mut latency_sum = 0;
         let mut acks = 0;
         for dir in &state.dirs {

@@ -359,6 +359,41 @@ fn ago(at_unix_ms: u64) -> String {
     }
 }
 
+/// The replication figures of a primary (`None` elsewhere).
+fn replication_line(module: &tandem_api::ModuleStatus) -> Option<String> {
+    let r = &module.replication;
+    if r.directories == 0 {
+        None
+    } else if r.active {
+        Some(format!(
+            "replication: streaming, {}/s, {} ops / {} in flight, ack {} µs",
+            human_bytes(r.bytes_per_second),
+            r.inflight_ops,
+            human_bytes(r.inflight_bytes),
+            r.ack_latency_us
+        ))
+    } else if module.state == "ALONE" || module.state == "PRIM" {
+        Some("replication: not connected (writes are acknowledged alone)".into())
+    } else {
+        None
+    }
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 fn print_status(status: &Status, only: Option<&str>) {
     let mut out = anstream::stdout();
     let peer = &status.peer;
@@ -463,6 +498,16 @@ fn print_status(status: &Status, only: Option<&str>) {
                 "failover off".into()
             },
         ]);
+        if let Some(line) = replication_line(module) {
+            table.add_row(vec![
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                line,
+            ]);
+        }
         if let Some(transition) = &module.last_transition {
             table.add_row(vec![
                 String::new(),

@@ -230,6 +230,8 @@ fn secondary_is_read_only_with_replicated_data_and_stop_leaves_the_plain_directo
         "{replication}"
     );
     assert_eq!(replication["inflight_ops"], 0, "{replication}");
+    let human = cluster.tandem_ok("node1", &["status"]).unwrap();
+    assert!(human.contains("replication: streaming"), "{human}");
 
     // Local writes on the secondary fail with EROFS.
     for attempt in [
