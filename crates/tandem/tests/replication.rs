@@ -326,3 +326,61 @@ fn swap_back_and_forth_keeps_replicating_both_ways() {
     let status = module_status(&cluster, "node1");
     assert_eq!(status["replication"]["active"], true, "{status}");
 }
+
+/// The secondary dies while the primary writes: the primary's writes pause at most for the
+/// replication timeout, then go on ALONE (a new data generation recorded first); the secondary
+/// comes back, is resynchronised, and has every acknowledged record.
+#[test]
+fn loss_of_the_secondary_mid_stream_goes_alone_then_resynchronises() {
+    let cluster = cluster();
+    bootstrap(&cluster);
+    let ledger = data("ledger");
+    let acks = cluster.node_dir("node1").unwrap().join("acks");
+    let mut command = cluster.lab.command("node1", "sh").unwrap();
+    command.arg("-c").arg(format!(
+        "i=0; while :; do i=$((i+1)); echo \"$i\" >> {ledger} || exit 1; \
+         sync -d {ledger} || exit 1; echo \"$i\" >> {acks}; done",
+        acks = acks.display()
+    ));
+    let writer = cluster
+        .lab
+        .spawn(
+            "node1",
+            &mut command,
+            cluster.node_dir("node1").unwrap().join("writer.out"),
+        )
+        .unwrap();
+    let acked = || numbers(&std::fs::read_to_string(&acks).unwrap_or_default()).len();
+    eventually(SETTLE, "acknowledged records", || acked() >= 50);
+    kill(&cluster, cluster.daemon_pid("node2").unwrap());
+    cluster.wait_state("node1", "ALONE", SETTLE).unwrap();
+    let alone_at = acked();
+    eventually(SETTLE, "records acknowledged alone", || acked() >= alone_at + 50);
+    let log = cluster.log_tail("node1", 200);
+    assert!(log.contains("replication of /srv/tandem-demo/data lost"), "{log}");
+    assert!(log.contains("the secondary will be resynchronised"), "{log}");
+
+    cluster.start_daemon("node2").unwrap();
+    cluster.tandem_ok("node2", &["start"]).unwrap();
+    wait_pair(&cluster, "node1", "node2");
+    let back_at = acked();
+    eventually(SETTLE, "records acknowledged with the secondary back", || {
+        acked() >= back_at + 50
+    });
+    kill(&cluster, writer);
+    let acked = numbers(&std::fs::read_to_string(&acks).unwrap());
+    let last = *acked.last().unwrap() as usize;
+    let on_node2 = numbers(&sh_ok(&cluster, "node2", &format!("cat {ledger}")));
+    assert!(
+        on_node2.len() >= last && on_node2[..last] == acked[..],
+        "node2 lacks acknowledged records: acknowledged {last}, node2 has {}",
+        on_node2.len()
+    );
+    // Both backing files are the same.
+    let backing = |node: &str| {
+        std::fs::read(cluster.node_dir(node).unwrap().join("data/0/ledger")).unwrap()
+    };
+    eventually(Duration::from_secs(10), "identical ledgers", || {
+        backing("node1") == backing("node2")
+    });
+}
