@@ -355,18 +355,28 @@ fn loss_of_the_secondary_mid_stream_goes_alone_then_resynchronises() {
     kill(&cluster, cluster.daemon_pid("node2").unwrap());
     cluster.wait_state("node1", "ALONE", SETTLE).unwrap();
     let alone_at = acked();
-    eventually(SETTLE, "records acknowledged alone", || acked() >= alone_at + 50);
+    eventually(SETTLE, "records acknowledged alone", || {
+        acked() >= alone_at + 50
+    });
     let log = cluster.log_tail("node1", 200);
-    assert!(log.contains("replication of /srv/tandem-demo/data lost"), "{log}");
-    assert!(log.contains("the secondary will be resynchronised"), "{log}");
+    assert!(
+        log.contains("replication of /srv/tandem-demo/data lost"),
+        "{log}"
+    );
+    assert!(
+        log.contains("the secondary will be resynchronised"),
+        "{log}"
+    );
 
     cluster.start_daemon("node2").unwrap();
     cluster.tandem_ok("node2", &["start"]).unwrap();
     wait_pair(&cluster, "node1", "node2");
     let back_at = acked();
-    eventually(SETTLE, "records acknowledged with the secondary back", || {
-        acked() >= back_at + 50
-    });
+    eventually(
+        SETTLE,
+        "records acknowledged with the secondary back",
+        || acked() >= back_at + 50,
+    );
     kill(&cluster, writer);
     let acked = numbers(&std::fs::read_to_string(&acks).unwrap());
     let last = *acked.last().unwrap() as usize;
@@ -377,9 +387,8 @@ fn loss_of_the_secondary_mid_stream_goes_alone_then_resynchronises() {
         on_node2.len()
     );
     // Both backing files are the same.
-    let backing = |node: &str| {
-        std::fs::read(cluster.node_dir(node).unwrap().join("data/0/ledger")).unwrap()
-    };
+    let backing =
+        |node: &str| std::fs::read(cluster.node_dir(node).unwrap().join("data/0/ledger")).unwrap();
     eventually(Duration::from_secs(10), "identical ledgers", || {
         backing("node1") == backing("node2")
     });
