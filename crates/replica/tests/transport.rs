@@ -514,10 +514,18 @@ fn divergence_ends_the_stream_and_the_primary_counts_the_secondary_lost() {
     let rep = Arc::new(rep.unwrap());
     let mut receiver = receiver.join().unwrap().unwrap();
     let mut guard = mount(&a, rep.clone());
-    // The mkdir's reply waits for the secondary's ack, which fails: the application sees an
-    // error (EIO) for a change applied here; the secondary reports the divergence when the
-    // primary's outcome arrives and ends the stream.
-    let _ = fs::create_dir(a.join("only-here"));
+    // The mkdir waits for the secondary's ack. The secondary fails it and reports the
+    // divergence when the primary's outcome arrives, then ends the stream: the mkdir's reply
+    // is either that failure (if the ack left before the stream ended) or held with the loss,
+    // until the daemon records it locally.
+    let mkdir = {
+        let path = a.join("only-here");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(fs::create_dir(path));
+        });
+        rx
+    };
     let report = lost
         .recv_timeout(Duration::from_secs(10))
         .expect("the primary sees the secondary lost");
@@ -526,5 +534,10 @@ fn divergence_ends_the_stream_and_the_primary_counts_the_secondary_lost() {
     assert!(ended.stats.divergences >= 1, "{ended:?}");
     assert_eq!(rep.state(), ReplicationState::Holding);
     rep.record_locally();
+    let result = mkdir
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the mkdir returns once recorded");
+    eprintln!("mkdir: {result:?}");
+    assert!(a.join("only-here").is_dir(), "applied on the primary");
     guard.0.take().unwrap().unmount().unwrap();
 }
