@@ -5,11 +5,9 @@
 //!
 //! [`Replicator::submit`] encodes the mutation into one frame (the write data is copied once,
 //! out of the kernel's request buffer, into the frame), records its [`Completion`] as *pending*
-//! and queues the frame; the calling thread then sends the queued frames itself when no other
-//! thread is sending (with Noise, encrypting them), else leaves them to the thread that is (which
-//! sends everything queued before it flushes): no hand-off to a writer thread, whose wake-up
-//! would cost every operation a scheduling delay. A reader thread receives the secondary's
-//! `Ack { seq, error }` and completes the pending completion. Outcomes
+//! and queues the frame; a writer thread sends the queued frames (coalescing small ones, writing
+//! large ones straight from the frame; with Noise, encrypting them) and a reader thread receives
+//! the secondary's `Ack { seq, error }` and completes the pending completion. Outcomes
 //! ([`Replicator::applied`]) and forgets travel the same queue, so they keep their order with
 //! the mutations. Excluded mutations are completed at once and sent as a *skip* (a mutation
 //! record with `replicate == false` whose operation is a placeholder), so the secondary's reorder
@@ -51,9 +49,10 @@
 //!
 //! Both final states are terminal for this replicator: reconnecting is a new `NetReplicator`.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -252,21 +251,9 @@ impl Inner {
     }
 }
 
-/// The sending side: a queue of frames and the connection's writer; whoever takes the writer
-/// sends the whole queue.
-struct Out {
-    queue: Mutex<VecDeque<Vec<u8>>>,
-    writer: Mutex<Sender>,
-    /// Frames queued at most before a caller waits for the writer itself.
-    capacity: usize,
-}
-
-struct Sender {
-    out: FrameWriter,
-    /// A write failed (the loss is reported): later frames are dropped.
-    failed: bool,
-    /// `close` ran: later frames are dropped.
-    closed: bool,
+enum Msg {
+    Frame(Vec<u8>),
+    Close,
 }
 
 /// A [`Replicator`] sending every mutation to the secondary's [`crate::Receiver`] over TCP. See
@@ -275,7 +262,8 @@ pub struct NetReplicator {
     inner: Arc<Inner>,
     first_seq: u64,
     rate: Mutex<Rate>,
-    out: Out,
+    tx: SyncSender<Msg>,
+    writer: Mutex<Option<JoinHandle<()>>>,
     reader: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -339,6 +327,13 @@ impl NetReplicator {
             acks: AtomicU64::new(0),
             ack_micros: AtomicU64::new(0),
         });
+        let (tx, rx) = mpsc::sync_channel(options.queue.max(1));
+        let writer = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("tandem-repl-tx".into())
+                .spawn(move || write_loop(&inner, out, &rx))?
+        };
         let reader = {
             let inner = inner.clone();
             std::thread::Builder::new()
@@ -353,15 +348,8 @@ impl NetReplicator {
                 bytes: 0,
                 per_second: 0,
             }),
-            out: Out {
-                queue: Mutex::new(VecDeque::new()),
-                writer: Mutex::new(Sender {
-                    out,
-                    failed: false,
-                    closed: false,
-                }),
-                capacity: options.queue.max(1),
-            },
+            tx,
+            writer: Mutex::new(Some(writer)),
             reader: Mutex::new(Some(reader)),
         })
     }
@@ -462,107 +450,25 @@ impl NetReplicator {
     /// (the secondary applies everything sent, then closes its side). Later records are dropped.
     pub fn close(&self) {
         self.inner.closing.store(true, Ordering::Relaxed);
-        self.drain(true);
-        let mut sender = self.sender();
-        if !sender.closed {
-            sender.closed = true;
-            if !sender.failed {
-                let _ = sender.out.flush();
-            }
-            let _ = self.inner.stream.shutdown(Shutdown::Write);
-        }
-    }
-
-    fn sender(&self) -> MutexGuard<'_, Sender> {
-        // A panic while sending leaves the writer as it was: still usable (or failed).
-        self.out
+        let _ = self.tx.send(Msg::Close);
+        let writer = self
             .writer
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(w) = writer {
+            let _ = w.join();
+        }
     }
 
-    /// Queues a frame while replicating and sends the queue unless another thread is sending.
+    /// Queues a frame while replicating; a dead writer is a lost connection.
     fn send(&self, frame: Vec<u8>) {
         self.inner.frames.fetch_add(1, Ordering::Relaxed);
         self.inner
             .bytes
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
-        let full = {
-            let mut queue = self
-                .out
-                .queue
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            queue.push_back(frame);
-            queue.len() >= self.out.capacity
-        };
-        // A full queue means the secondary (or the thread sending to it) fell behind: wait for
-        // the writer, which bounds memory (the ack timeout still runs and unblocks a stuck
-        // socket by shutting the connection down).
-        self.drain(full);
-    }
-
-    /// Sends every queued frame, then flushes, if this thread gets the writer (waits for it when
-    /// `wait`). Frames queued by others meanwhile are sent too; a frame queued after the holder
-    /// looked is picked up by its own caller, which checks the queue again after the holder
-    /// let go.
-    fn drain(&self, mut wait: bool) {
-        loop {
-            let sender = if wait {
-                Some(self.sender())
-            } else {
-                match self.out.writer.try_lock() {
-                    Ok(s) => Some(s),
-                    Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-                    Err(std::sync::TryLockError::WouldBlock) => None,
-                }
-            };
-            let Some(mut sender) = sender else { return };
-            loop {
-                let batch: Vec<Vec<u8>> = self
-                    .out
-                    .queue
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .drain(..)
-                    .collect();
-                if batch.is_empty() {
-                    break;
-                }
-                for frame in batch {
-                    if sender.failed || sender.closed {
-                        continue;
-                    }
-                    if !self.inner.replicating() {
-                        sender.failed = true;
-                        continue;
-                    }
-                    if let Err(e) = sender.out.write_frame(&frame) {
-                        sender.failed = true;
-                        self.inner
-                            .lose(format!("write to the secondary failed: {e}"));
-                    }
-                }
-            }
-            if !sender.failed
-                && !sender.closed
-                && let Err(e) = sender.out.flush()
-            {
-                sender.failed = true;
-                self.inner
-                    .lose(format!("write to the secondary failed: {e}"));
-            }
-            drop(sender);
-            if self
-                .out
-                .queue
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .is_empty()
-            {
-                return;
-            }
-            wait = false;
+        if self.tx.send(Msg::Frame(frame)).is_err() {
+            self.inner.lose("replication writer stopped".into());
         }
     }
 
@@ -690,6 +596,44 @@ impl Replicator for NetReplicator {
 
     fn forget(&self, id: FileId) {
         self.send_record(&Record::Forget { id });
+    }
+}
+
+fn write_loop(inner: &Inner, mut out: FrameWriter, rx: &mpsc::Receiver<Msg>) {
+    let mut failed = false;
+    let mut next = rx.recv();
+    while let Ok(msg) = next {
+        match msg {
+            Msg::Close => {
+                if !failed {
+                    let _ = out.flush();
+                }
+                let _ = inner.stream.shutdown(Shutdown::Write);
+                return;
+            }
+            Msg::Frame(frame) => {
+                // After a failure, frames are discarded (so that submit never waits on a full
+                // queue nobody drains).
+                if !failed && let Err(e) = out.write_frame(&frame) {
+                    failed = true;
+                    inner.lose(format!("write to the secondary failed: {e}"));
+                }
+            }
+        }
+        next = match rx.try_recv() {
+            Ok(m) => Ok(m),
+            Err(TryRecvError::Empty) => {
+                if !failed && let Err(e) = out.flush() {
+                    failed = true;
+                    inner.lose(format!("write to the secondary failed: {e}"));
+                }
+                rx.recv()
+            }
+            Err(TryRecvError::Disconnected) => return,
+        };
+        if !failed && !inner.replicating() {
+            failed = true;
+        }
     }
 }
 
