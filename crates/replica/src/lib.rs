@@ -36,6 +36,6 @@ pub use loopback::{LoopbackReplicator, LoopbackStats};
 pub use net_replicator::{
     DEFAULT_QUEUE, DEFAULT_TIMEOUT, Lost, NetOptions, NetReplicator, NetStats, ReplicationState,
 };
-pub use receiver::{RECEIVE_QUEUE, Receiver, ReceiverReport, ReceiverStats};
+pub use receiver::{Receiver, ReceiverReport, ReceiverStats};
 pub use transport::{Connection, MAGIC, Security, TransportError};
 pub use wire::{Record, WireError};

@@ -1,30 +1,26 @@
 //! [`Receiver`]: the secondary's side of the replication stream.
 //!
 //! Takes over one authenticated connection from the primary's [`crate::NetReplicator`] (see
-//! [`crate::transport`]; [`Receiver::accept`] also accepts and authenticates it), and runs two
-//! threads: a reader that decrypts and classifies frames,
-//! and an applier that applies them through the shared sequencer (reorder buffer by `seq`,
-//! `Forget` barrier: as the [`crate::LoopbackReplicator`]) with an [`Applier`], and sends
+//! [`crate::transport`]; [`Receiver::accept`] also accepts and authenticates it), and runs one
+//! thread that decrypts each frame, applies it through the shared sequencer (reorder buffer by
+//! `seq`, `Forget` barrier: as the [`crate::LoopbackReplicator`]) with an [`Applier`], and sends
 //! `Ack { seq, error }` after each apply (after the `fsync`/`fdatasync` for `Fsync` and
-//! `O_SYNC`/`O_DSYNC` writes, which the applier does before returning). Acks are written as soon
-//! as nothing else is waiting to be applied (several acks of a backlog leave in one segment).
+//! `O_SYNC`/`O_DSYNC` writes, which the applier does before returning). Acks are flushed when
+//! nothing more is buffered (several acks of a backlog leave in one segment). Reading, applying
+//! and acknowledging on one thread spares every operation the wake-up of a second thread.
 //!
-//! Memory is bounded: at most [`RECEIVE_QUEUE`] frames wait between the two threads; beyond it
-//! the reader stops reading and TCP pushes back to the primary.
+//! Memory is bounded: the thread reads only while it applies, so when it falls behind TCP pushes
+//! back to the primary (whose queue is bounded, [`crate::NetOptions::queue`]).
 
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, TryRecvError};
 use std::thread::JoinHandle;
 
 use crate::applier::{Applier, Divergence};
 use crate::sequencer::{Input, Sequencer, Target};
 use crate::transport::{self, Connection, FrameReader, FrameWriter, Security, TransportError};
 use crate::wire::{self, Record};
-
-/// Frames waiting between the reader and the applier at most.
-pub const RECEIVE_QUEUE: usize = 64;
 
 /// Counters of a [`Receiver`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -58,8 +54,8 @@ pub struct Receiver {
     stream: TcpStream,
     peer: SocketAddr,
     stop: Arc<AtomicBool>,
-    reader: Option<JoinHandle<Option<String>>>,
-    apply: Option<JoinHandle<usize>>,
+    /// The thread that reads, applies and acknowledges: its error and what was left waiting.
+    reader: Option<JoinHandle<(Option<String>, usize)>>,
 }
 
 impl std::fmt::Debug for Receiver {
@@ -105,21 +101,14 @@ impl Receiver {
         stream.set_write_timeout(None)?;
         let target = Arc::new(Target::new(applier));
         let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = mpsc::sync_channel(RECEIVE_QUEUE);
         let reader = {
-            let target = target.clone();
-            std::thread::Builder::new()
-                .name("tandem-recv-rx".into())
-                .spawn(move || read_loop(input, &target, &tx))?
-        };
-        let apply = {
             let target = target.clone();
             let stop = stop.clone();
             let sequencer = Sequencer::starting_at(target.clone(), first_seq.max(1));
             let control = stream.try_clone()?;
             std::thread::Builder::new()
-                .name("tandem-recv-apply".into())
-                .spawn(move || apply_loop(sequencer, out, &rx, &stop, &target, &control))?
+                .name("tandem-recv".into())
+                .spawn(move || serve_loop(input, out, sequencer, &target, &stop, &control))?
         };
         Ok(Receiver {
             target,
@@ -127,7 +116,6 @@ impl Receiver {
             peer,
             stop,
             reader: Some(reader),
-            apply: Some(apply),
         })
     }
 
@@ -161,14 +149,10 @@ impl Receiver {
     /// Waits until the primary closed the stream and everything received was applied (at once
     /// when it already ended).
     pub fn wait(&mut self) -> ReceiverReport {
-        let error = self
-            .reader
-            .take()
-            .and_then(|r| r.join().unwrap_or_else(|_| Some("reader panicked".into())));
-        let waiting = self
-            .apply
-            .take()
-            .map_or(0, |a| a.join().unwrap_or_default());
+        let (error, waiting) = self.reader.take().map_or((None, 0), |r| {
+            r.join()
+                .unwrap_or_else(|_| (Some("receiver thread panicked".into()), 0))
+        });
         ReceiverReport {
             stats: self.stats(),
             error,
@@ -185,42 +169,57 @@ impl Drop for Receiver {
         if let Some(r) = self.reader.take() {
             let _ = r.join();
         }
-        if let Some(a) = self.apply.take() {
-            let _ = a.join();
-        }
     }
 }
 
-/// Reads frames until the end of the stream; returns the error that ended it, if any.
-fn read_loop(
+/// Reads frames, applies them in order and acknowledges each, on one thread: a mutation is
+/// applied as soon as it is read, with no hand-off to another thread (whose wake-up would cost
+/// every operation a scheduling delay). Acknowledgements are flushed when nothing more is
+/// buffered, so those of a backlog leave together. Returns the error that ended the stream, if
+/// any, and how many mutations were left waiting for a lower `seq`.
+///
+/// A divergence (this node's result of a mutation differs from the primary's) ends the stream:
+/// the connection is shut down without acknowledging anything more, so the primary counts this
+/// secondary as lost, starts a new data generation and resynchronises it, instead of going on
+/// with replicas that differ.
+fn serve_loop(
     mut input: FrameReader,
+    mut out: FrameWriter,
+    mut sequencer: Sequencer<()>,
     target: &Target,
-    tx: &mpsc::SyncSender<Input<()>>,
-) -> Option<String> {
-    loop {
+    stop: &AtomicBool,
+    control: &TcpStream,
+) -> (Option<String>, usize) {
+    let mut ack_buf = Vec::with_capacity(64);
+    let mut broken = false;
+    let error = loop {
+        if !input.buffered() && !broken && out.flush().is_err() {
+            broken = true;
+        }
         let frame = match input.next() {
             Ok(Some(f)) => f,
             // No read timeout is set: `None` does not happen; read again.
             Ok(None) => continue,
             Err(TransportError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return None;
+                break None;
             }
-            Err(e) => return Some(e.to_string()),
+            Err(e) => break Some(e.to_string()),
         };
+        if stop.load(Ordering::Relaxed) {
+            break None;
+        }
         target
             .counters
             .bytes
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
         let item = match wire::decode_frame(&frame) {
-            Ok(Record::Mutation(m)) if m.replicate => Some(m.seq),
-            Ok(Record::Mutation(m)) => {
-                let seq = m.seq;
-                if tx.send(Input::Skip { seq }).is_err() {
-                    return None;
-                }
-                continue;
-            }
-            Ok(Record::Applied { .. } | Record::Forget { .. }) => None,
+            Ok(Record::Mutation(m)) if m.replicate => Input::Mutation {
+                seq: m.seq,
+                frame,
+                done: (),
+            },
+            Ok(Record::Mutation(m)) => Input::Skip { seq: m.seq },
+            Ok(Record::Applied { .. } | Record::Forget { .. }) => Input::Frame(frame),
             Ok(
                 r @ (Record::Ack { .. }
                 | Record::SyncRequest { .. }
@@ -230,46 +229,11 @@ fn read_loop(
                 | Record::SyncData { .. }
                 | Record::SyncEnd { .. }),
             ) => {
-                return Some(format!("{} received in the replication stream", r.kind()));
+                break Some(format!("{} received in the replication stream", r.kind()));
             }
-            Err(e) => return Some(format!("undecodable frame: {e}")),
+            Err(e) => break Some(format!("undecodable frame: {e}")),
         };
-        let input = match item {
-            Some(seq) => Input::Mutation {
-                seq,
-                frame,
-                done: (),
-            },
-            None => Input::Frame(frame),
-        };
-        if tx.send(input).is_err() {
-            return None;
-        }
-    }
-}
-
-/// Applies in order and acks; returns how many mutations were left waiting.
-///
-/// A divergence (this node's result of a mutation differs from the primary's) ends the stream:
-/// the connection is shut down without acknowledging anything more, so the primary counts this
-/// secondary as lost, starts a new data generation and resynchronises it, instead of going on
-/// with replicas that differ.
-fn apply_loop(
-    mut sequencer: Sequencer<()>,
-    mut out: FrameWriter,
-    rx: &mpsc::Receiver<Input<()>>,
-    stop: &AtomicBool,
-    target: &Target,
-    control: &TcpStream,
-) -> usize {
-    let mut ack_buf = Vec::with_capacity(64);
-    let mut broken = false;
-    let mut next = rx.recv();
-    while let Ok(input) = next {
-        if stop.load(Ordering::Relaxed) {
-            break;
-        }
-        sequencer.push(input, &mut |seq, (), _kind, result: Result<(), i32>| {
+        sequencer.push(item, &mut |seq, (), _kind, result: Result<(), i32>| {
             if broken || target.divergence_count() > 0 {
                 return;
             }
@@ -287,20 +251,12 @@ fn apply_loop(
                 "replicas diverge: ending the stream so that the primary resynchronises"
             );
             let _ = control.shutdown(Shutdown::Both);
-            break;
+            break None;
         }
-        next = match rx.try_recv() {
-            Ok(m) => Ok(m),
-            Err(TryRecvError::Empty) => {
-                if !broken && out.flush().is_err() {
-                    broken = true;
-                }
-                rx.recv()
-            }
-            Err(TryRecvError::Disconnected) => break,
-        };
+    };
+    if target.divergence_count() == 0 {
+        let _ = out.flush();
     }
-    let _ = out.flush();
     if sequencer.waiting() > 0 {
         tracing::warn!(
             waiting = sequencer.waiting(),
@@ -308,5 +264,5 @@ fn apply_loop(
             "replication stream ended with mutations waiting for a lower seq"
         );
     }
-    sequencer.waiting()
+    (error, sequencer.waiting())
 }

@@ -529,6 +529,12 @@ impl FrameReader {
         }
     }
 
+    /// Whether received bytes are waiting in the buffer (a frame, or part of one, can be taken
+    /// without reading the socket).
+    pub(crate) fn buffered(&self) -> bool {
+        self.start < self.end
+    }
+
     /// Fills the read buffer; `Ok(false)` on a read timeout.
     fn fill(&mut self) -> io::Result<bool> {
         self.start = 0;
