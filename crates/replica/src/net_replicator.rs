@@ -5,9 +5,12 @@
 //!
 //! [`Replicator::submit`] encodes the mutation into one frame (the write data is copied once,
 //! out of the kernel's request buffer, into the frame), records its [`Completion`] as *pending*
-//! and queues the frame; a writer thread sends the queued frames (coalescing small ones, writing
-//! large ones straight from the frame; with Noise, encrypting them) and a reader thread receives
-//! the secondary's `Ack { seq, error }` and completes the pending completion. Outcomes
+//! and queues the frame. A small frame is then sent by the calling thread itself when no other
+//! thread is sending (with Noise, encrypted on the way), else left to the thread that is (which
+//! sends everything queued before it flushes): no hand-off to another thread, whose wake-up would
+//! cost every small operation a scheduling delay. A large frame (over 64 KiB) is left to the
+//! writer thread, so that encrypting and sending it overlaps with the local apply of the write. A reader thread receives the secondary's
+//! `Ack { seq, error }` and completes the pending completion. Outcomes
 //! ([`Replicator::applied`]) and forgets travel the same queue, so they keep their order with
 //! the mutations. Excluded mutations are completed at once and sent as a *skip* (a mutation
 //! record with `replicate == false` whose operation is a placeholder), so the secondary's reorder
@@ -49,11 +52,10 @@
 //!
 //! Both final states are terminal for this replicator: reconnecting is a new `NetReplicator`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, SyncSender, TryRecvError};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -251,9 +253,36 @@ impl Inner {
     }
 }
 
-enum Msg {
-    Frame(Vec<u8>),
-    Close,
+/// The sending side: a queue of frames and the connection's writer; whoever takes the writer
+/// sends the whole queue.
+struct Out {
+    queue: Mutex<VecDeque<Vec<u8>>>,
+    writer: Mutex<Sender>,
+    /// Frames queued at most before a caller waits for the writer itself.
+    capacity: usize,
+    /// Large frames queued for the writer thread (`true`), which it sends while the submitting
+    /// thread goes on with the local apply; `stop` ends the thread.
+    signal: Mutex<Signal>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct Signal {
+    pending: bool,
+    stop: bool,
+}
+
+/// Frames up to this size are sent by the submitting thread itself when nobody else is sending;
+/// larger ones by the writer thread, so that encrypting and sending them overlaps with the local
+/// apply.
+const INLINE_FRAME: usize = 64 << 10;
+
+struct Sender {
+    out: FrameWriter,
+    /// A write failed (the loss is reported): later frames are dropped.
+    failed: bool,
+    /// `close` ran: later frames are dropped.
+    closed: bool,
 }
 
 /// A [`Replicator`] sending every mutation to the secondary's [`crate::Receiver`] over TCP. See
@@ -262,9 +291,9 @@ pub struct NetReplicator {
     inner: Arc<Inner>,
     first_seq: u64,
     rate: Mutex<Rate>,
-    tx: SyncSender<Msg>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    out: Arc<Out>,
     reader: Mutex<Option<JoinHandle<()>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for NetReplicator {
@@ -327,12 +356,23 @@ impl NetReplicator {
             acks: AtomicU64::new(0),
             ack_micros: AtomicU64::new(0),
         });
-        let (tx, rx) = mpsc::sync_channel(options.queue.max(1));
+        let out = Arc::new(Out {
+            queue: Mutex::new(VecDeque::new()),
+            writer: Mutex::new(Sender {
+                out,
+                failed: false,
+                closed: false,
+            }),
+            capacity: options.queue.max(1),
+            signal: Mutex::new(Signal::default()),
+            wake: Condvar::new(),
+        });
         let writer = {
             let inner = inner.clone();
+            let out = out.clone();
             std::thread::Builder::new()
                 .name("tandem-repl-tx".into())
-                .spawn(move || write_loop(&inner, out, &rx))?
+                .spawn(move || write_loop(&inner, &out))?
         };
         let reader = {
             let inner = inner.clone();
@@ -348,9 +388,9 @@ impl NetReplicator {
                 bytes: 0,
                 per_second: 0,
             }),
-            tx,
-            writer: Mutex::new(Some(writer)),
+            out: out.clone(),
             reader: Mutex::new(Some(reader)),
+            writer: Mutex::new(Some(writer)),
         })
     }
 
@@ -450,7 +490,15 @@ impl NetReplicator {
     /// (the secondary applies everything sent, then closes its side). Later records are dropped.
     pub fn close(&self) {
         self.inner.closing.store(true, Ordering::Relaxed);
-        let _ = self.tx.send(Msg::Close);
+        {
+            let mut signal = self
+                .out
+                .signal
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            signal.stop = true;
+            self.out.wake.notify_all();
+        }
         let writer = self
             .writer
             .lock()
@@ -459,16 +507,56 @@ impl NetReplicator {
         if let Some(w) = writer {
             let _ = w.join();
         }
+        drain(&self.inner, &self.out, true);
+        let mut sender = self.sender();
+        if !sender.closed {
+            sender.closed = true;
+            if !sender.failed {
+                let _ = sender.out.flush();
+            }
+            let _ = self.inner.stream.shutdown(Shutdown::Write);
+        }
     }
 
-    /// Queues a frame while replicating; a dead writer is a lost connection.
+    fn sender(&self) -> MutexGuard<'_, Sender> {
+        // A panic while sending leaves the writer as it was: still usable (or failed).
+        self.out
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues a frame while replicating and sends the queue unless another thread is sending.
     fn send(&self, frame: Vec<u8>) {
         self.inner.frames.fetch_add(1, Ordering::Relaxed);
         self.inner
             .bytes
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
-        if self.tx.send(Msg::Frame(frame)).is_err() {
-            self.inner.lose("replication writer stopped".into());
+        let large = frame.len() > INLINE_FRAME;
+        let full = {
+            let mut queue = self
+                .out
+                .queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            queue.push_back(frame);
+            queue.len() >= self.out.capacity
+        };
+        if full {
+            // The secondary (or the thread sending to it) fell behind: wait for the writer,
+            // which bounds memory (the ack timeout still runs and unblocks a stuck socket by
+            // shutting the connection down).
+            drain(&self.inner, &self.out, true);
+        } else if large {
+            let mut signal = self
+                .out
+                .signal
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            signal.pending = true;
+            self.out.wake.notify_one();
+        } else {
+            drain(&self.inner, &self.out, false);
         }
     }
 
@@ -599,41 +687,83 @@ impl Replicator for NetReplicator {
     }
 }
 
-fn write_loop(inner: &Inner, mut out: FrameWriter, rx: &mpsc::Receiver<Msg>) {
-    let mut failed = false;
-    let mut next = rx.recv();
-    while let Ok(msg) = next {
-        match msg {
-            Msg::Close => {
-                if !failed {
-                    let _ = out.flush();
+/// Sends every queued frame, then flushes, if this thread gets the writer (waits for it when
+/// `wait`). Frames queued by others meanwhile are sent too; a frame queued after the holder
+/// looked is picked up by its own caller, which checks the queue again after the holder
+/// let go.
+fn drain(inner: &Inner, out: &Out, mut wait: bool) {
+    loop {
+        let sender = if wait {
+            Some(out.writer.lock().unwrap_or_else(PoisonError::into_inner))
+        } else {
+            match out.writer.try_lock() {
+                Ok(s) => Some(s),
+                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            }
+        };
+        let Some(mut sender) = sender else { return };
+        loop {
+            let batch: Vec<Vec<u8>> = out
+                .queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .drain(..)
+                .collect();
+            if batch.is_empty() {
+                break;
+            }
+            for frame in batch {
+                if sender.failed || sender.closed {
+                    continue;
                 }
-                let _ = inner.stream.shutdown(Shutdown::Write);
+                if !inner.replicating() {
+                    sender.failed = true;
+                    continue;
+                }
+                if let Err(e) = sender.out.write_frame(&frame) {
+                    sender.failed = true;
+                    inner.lose(format!("write to the secondary failed: {e}"));
+                }
+            }
+        }
+        if !sender.failed
+            && !sender.closed
+            && let Err(e) = sender.out.flush()
+        {
+            sender.failed = true;
+            inner.lose(format!("write to the secondary failed: {e}"));
+        }
+        drop(sender);
+        if out
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+        {
+            return;
+        }
+        wait = false;
+    }
+}
+
+/// The writer thread: sends the queue when a large frame was queued.
+fn write_loop(inner: &Inner, out: &Out) {
+    loop {
+        {
+            let mut signal = out.signal.lock().unwrap_or_else(PoisonError::into_inner);
+            while !signal.pending && !signal.stop {
+                signal = out
+                    .wake
+                    .wait(signal)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            if signal.stop {
                 return;
             }
-            Msg::Frame(frame) => {
-                // After a failure, frames are discarded (so that submit never waits on a full
-                // queue nobody drains).
-                if !failed && let Err(e) = out.write_frame(&frame) {
-                    failed = true;
-                    inner.lose(format!("write to the secondary failed: {e}"));
-                }
-            }
+            signal.pending = false;
         }
-        next = match rx.try_recv() {
-            Ok(m) => Ok(m),
-            Err(TryRecvError::Empty) => {
-                if !failed && let Err(e) = out.flush() {
-                    failed = true;
-                    inner.lose(format!("write to the secondary failed: {e}"));
-                }
-                rx.recv()
-            }
-            Err(TryRecvError::Disconnected) => return,
-        };
-        if !failed && !inner.replicating() {
-            failed = true;
-        }
+        drain(inner, out, true);
     }
 }
 
