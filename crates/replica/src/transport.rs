@@ -474,23 +474,24 @@ impl FrameWriter {
         let chunks = body.len().div_ceil(MAX_CHUNK).max(1);
         let total = body.len() + chunks * TAG_LEN;
         let len = u32::try_from(total).map_err(|_| io::Error::other("frame too large"))?;
-        self.scratch.clear();
-        self.scratch.resize(PREFIX_LEN + total, 0);
-        self.scratch[..PREFIX_LEN].copy_from_slice(&len.to_le_bytes());
-        let mut at = PREFIX_LEN;
+        self.out.write_all(&len.to_le_bytes())?;
         for index in 0..chunks {
             let start = index * MAX_CHUNK;
             let end = (start + MAX_CHUNK).min(body.len());
             let chunk = body.get(start..end).unwrap_or_default();
-            let out = self
-                .scratch
-                .get_mut(at..at + chunk.len() + TAG_LEN)
-                .ok_or_else(|| io::Error::other("noise buffer"))?;
-            at += keys
-                .write_message(next_nonce(&mut self.nonce)?, chunk, out)
+            self.scratch.clear();
+            self.scratch.resize(chunk.len() + TAG_LEN, 0);
+            let n = keys
+                .write_message(next_nonce(&mut self.nonce)?, chunk, &mut self.scratch)
                 .map_err(|e| io::Error::other(format!("noise: {e}")))?;
+            self.out.write_all(&self.scratch[..n])?;
+            // A large frame leaves piece by piece: the receiver decrypts the first pieces while
+            // the next are encrypted here.
+            if chunks > 1 {
+                self.out.flush()?;
+            }
         }
-        self.out.write_all(&self.scratch[..at])
+        Ok(())
     }
 
     /// Sends what is buffered.
@@ -512,6 +513,10 @@ pub(crate) struct FrameReader {
     prefix_got: usize,
     /// The frame being read (prefix included), and how much of it is filled.
     frame: Option<(Vec<u8>, usize)>,
+    /// With Noise: the frame decrypted so far (a prefix placeholder, then the plaintext) and how
+    /// many bytes of the frame's body that covers. Pieces are decrypted as they arrive.
+    plain: Vec<u8>,
+    decrypted: usize,
 }
 
 impl FrameReader {
@@ -526,6 +531,40 @@ impl FrameReader {
             prefix: [0; PREFIX_LEN],
             prefix_got: 0,
             frame: None,
+            plain: Vec::new(),
+            decrypted: 0,
+        }
+    }
+
+    /// Decrypts the Noise messages of the frame being read that have fully arrived.
+    fn decrypt_ready(&mut self) -> Result<(), TransportError> {
+        let FrameReader {
+            keys,
+            frame,
+            plain,
+            decrypted,
+            nonce,
+            ..
+        } = self;
+        let (Some(keys), Some((frame, got))) = (keys.as_ref(), frame.as_ref()) else {
+            return Ok(());
+        };
+        loop {
+            let remaining = frame.len() - PREFIX_LEN - *decrypted;
+            let piece_len = remaining.min(NOISE_MAX_MSG);
+            if piece_len == 0 || *got - PREFIX_LEN - *decrypted < piece_len {
+                return Ok(());
+            }
+            let from = PREFIX_LEN + *decrypted;
+            let piece = &frame[from..from + piece_len];
+            let Some(len) = piece_len.checked_sub(TAG_LEN) else {
+                return Err(TransportError::Protocol("short noise message".into()));
+            };
+            let at = plain.len();
+            plain.resize(at + len, 0);
+            keys.read_message(next_nonce(nonce)?, piece, &mut plain[at..])
+                .map_err(|_| TransportError::Protocol("frame does not decrypt".into()))?;
+            *decrypted += piece_len;
         }
     }
 
@@ -587,6 +626,9 @@ impl FrameReader {
                 frame[..PREFIX_LEN].copy_from_slice(&self.prefix);
                 self.frame = Some((frame, PREFIX_LEN));
                 self.prefix_got = 0;
+                self.plain.clear();
+                self.plain.extend_from_slice(&[0; PREFIX_LEN]);
+                self.decrypted = 0;
             }
         }
         // The body.
@@ -602,11 +644,15 @@ impl FrameReader {
                 frame[*got..*got + n].copy_from_slice(&self.buf[self.start..self.start + n]);
                 self.start += n;
                 *got += n;
+                self.decrypt_ready()?;
             } else if frame.len() - *got >= self.buf.len() {
                 // Large rest: straight into the frame.
                 match self.stream.read(&mut frame[*got..]) {
                     Ok(0) => return Err(TransportError::Io(io::ErrorKind::UnexpectedEof.into())),
-                    Ok(n) => *got += n,
+                    Ok(n) => {
+                        *got += n;
+                        self.decrypt_ready()?;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e)
                         if matches!(
@@ -622,25 +668,19 @@ impl FrameReader {
                 return Ok(None);
             }
         }
-        let Some((frame, _)) = self.frame.take() else {
-            return Ok(None);
-        };
-        let Some(keys) = &self.keys else {
-            return Ok(Some(frame));
-        };
-        let cipher = frame.get(PREFIX_LEN..).unwrap_or_default();
-        let mut plain = Vec::with_capacity(frame.len());
-        plain.extend_from_slice(&[0; PREFIX_LEN]);
-        for piece in cipher.chunks(NOISE_MAX_MSG) {
-            let Some(len) = piece.len().checked_sub(TAG_LEN) else {
-                return Err(TransportError::Protocol("short noise message".into()));
-            };
-            let at = plain.len();
-            plain.resize(at + len, 0);
-            let nonce = next_nonce(&mut self.nonce)?;
-            keys.read_message(nonce, piece, &mut plain[at..])
-                .map_err(|_| TransportError::Protocol("frame does not decrypt".into()))?;
+        if self.keys.is_none() {
+            return Ok(self.frame.take().map(|(frame, _)| frame));
         }
+        self.decrypt_ready()?;
+        let complete = self
+            .frame
+            .as_ref()
+            .is_some_and(|(frame, _)| self.decrypted == frame.len() - PREFIX_LEN);
+        self.frame = None;
+        if !complete {
+            return Err(TransportError::Protocol("short noise message".into()));
+        }
+        let mut plain = std::mem::take(&mut self.plain);
         let body_len = u32::try_from(plain.len() - PREFIX_LEN)
             .map_err(|_| TransportError::Protocol("frame too large".into()))?;
         plain[..PREFIX_LEN].copy_from_slice(&body_len.to_le_bytes());
