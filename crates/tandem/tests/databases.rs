@@ -6,28 +6,16 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use tandem::cluster::{Cluster, ClusterSpec, DEFAULT_REPLICATED};
-use tandem_lab::LabSpec;
+use common::*;
+use tandem::cluster::Cluster;
 
 const SETTLE: Duration = Duration::from_secs(60);
-
-fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_tandem"))
-}
-
-fn cluster() -> Cluster {
-    let spec = ClusterSpec::new(LabSpec::new(["node1", "node2", "client"]));
-    Cluster::create(&spec, &binary()).unwrap()
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
@@ -51,28 +39,6 @@ fn logs(cluster: &Cluster) -> String {
     text
 }
 
-fn bootstrap(cluster: &Cluster) {
-    if let Err(error) = cluster.bootstrap() {
-        panic!("bootstrap failed: {error:#}\n{}", logs(cluster));
-    }
-}
-
-fn data(name: &str) -> String {
-    format!("{DEFAULT_REPLICATED}/{name}")
-}
-
-/// Polls `check` every 50 ms until it holds or `timeout` passes.
-fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn checked(cluster: &Cluster, what: &str, node: &str, command: &mut Command) -> String {
     let output: Output = command.output().unwrap();
     assert!(
@@ -93,27 +59,10 @@ fn sh_ok(cluster: &Cluster, node: &str, script: &str) -> String {
     checked(cluster, &format!("`{script}`"), node, &mut command)
 }
 
-fn kill(cluster: &Cluster, pid: u32) {
-    cluster.lab.kill(pid, libc::SIGKILL).unwrap();
-    cluster.lab.wait_exit(pid, Duration::from_secs(10)).unwrap();
-}
-
-/// Crashes the node's daemon (SIGKILL), as the first step of a crash of the whole primary.
-fn kill_daemon(cluster: &Cluster, node: &str) {
-    let daemon = cluster.daemon_pid(node).unwrap();
-    kill(cluster, daemon);
-}
-
 fn wait_alone(cluster: &Cluster, node: &str) {
     if let Err(error) = cluster.wait_state(node, "ALONE", SETTLE) {
         panic!("{error:#}\n{}", logs(cluster));
     }
-}
-
-fn numbers(text: &str) -> Vec<u64> {
-    text.lines()
-        .filter_map(|line| line.trim().parse().ok())
-        .collect()
 }
 
 /// Checks a ledger after the failover: the acknowledgement log is 1..=last, and the rows found

@@ -23,6 +23,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File};
@@ -35,6 +37,7 @@ use std::os::unix::fs::{
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::logs;
 use tandem::cluster::{Cluster, ClusterSpec, DEFAULT_REPLICATED};
 use tandem_lab::LabSpec;
 
@@ -757,22 +760,6 @@ fn fsx_worker() {
 }
 
 // ------------------------------------------------------------------------------------ the test
-
-/// Both nodes' module logs and the ends of their daemon output, for failure messages.
-fn logs(cluster: &Cluster) -> String {
-    let mut text = String::new();
-    for node in ["node1", "node2"] {
-        text += &format!("==== {node} module log\n{}\n", cluster.log_tail(node, 40));
-        let out = fs::read_to_string(cluster.node_dir(node).unwrap().join("daemon.out"))
-            .unwrap_or_default();
-        let lines: Vec<&str> = out.lines().collect();
-        text += &format!(
-            "==== {node} daemon output\n{}\n",
-            lines[lines.len().saturating_sub(40)..].join("\n")
-        );
-    }
-    text
-}
 
 /// A node's module state and its transitions so far: no new transition across the run means no
 /// loss of the replication (a divergence ends the stream and the pair resynchronises, which

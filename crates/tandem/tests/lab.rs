@@ -4,19 +4,18 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::{binary, eventually, kill_daemon};
 use tandem::cluster::{APP_PORT, Cluster, ClusterSpec};
 use tandem_lab::LabSpec;
 
 const SETTLE: Duration = Duration::from_secs(30);
-
-fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_tandem"))
-}
 
 fn spec() -> ClusterSpec {
     ClusterSpec::new(LabSpec::new(["node1", "node2", "client"]))
@@ -24,18 +23,6 @@ fn spec() -> ClusterSpec {
 
 fn cluster(spec: &ClusterSpec) -> Cluster {
     Cluster::create(spec, &binary()).unwrap()
-}
-
-/// Polls `check` every 50 ms until it holds or `timeout` passes.
-fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// One HTTP request to the sample application on the VIP, from the client host.
@@ -82,12 +69,6 @@ fn log_contains(cluster: &Cluster, node: &str, needle: &str) -> bool {
     std::fs::read_to_string(cluster.module_log(node).unwrap())
         .map(|text| text.contains(needle))
         .unwrap_or(false)
-}
-
-fn kill_daemon(cluster: &Cluster, node: &str) {
-    let pid = cluster.daemon_pid(node).expect("daemon running");
-    cluster.lab.kill(pid, libc::SIGKILL).unwrap();
-    cluster.lab.wait_exit(pid, Duration::from_secs(10)).unwrap();
 }
 
 /// Scripts that append `<node> <script> <args>` to one trace file shared by both nodes, so the

@@ -4,63 +4,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+mod common;
 
-use tandem::cluster::{Cluster, ClusterSpec, DEFAULT_REPLICATED};
-use tandem_lab::LabSpec;
+use std::time::Duration;
+
+use common::*;
+use tandem::cluster::{Cluster, DEFAULT_REPLICATED};
 
 const SETTLE: Duration = Duration::from_secs(60);
-
-fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_tandem"))
-}
-
-fn cluster() -> Cluster {
-    let spec = ClusterSpec::new(LabSpec::new(["node1", "node2", "client"]));
-    Cluster::create(&spec, &binary()).unwrap()
-}
-
-/// Both nodes' module logs and daemon output, for failure messages.
-fn logs(cluster: &Cluster) -> String {
-    let mut text = String::new();
-    for node in ["node1", "node2"] {
-        text += &format!("==== {node} module log\n{}\n", cluster.log_tail(node, 80));
-        let out = cluster
-            .node_dir(node)
-            .ok()
-            .and_then(|dir| std::fs::read_to_string(dir.join("daemon.out")).ok())
-            .unwrap_or_default();
-        let lines: Vec<&str> = out.lines().collect();
-        text += &format!(
-            "==== {node} daemon output\n{}\n",
-            lines[lines.len().saturating_sub(60)..].join("\n")
-        );
-    }
-    text
-}
-
-fn bootstrap(cluster: &Cluster) {
-    if let Err(error) = cluster.bootstrap() {
-        panic!("bootstrap failed: {error:#}\n{}", logs(cluster));
-    }
-}
-
-fn data(name: &str) -> String {
-    format!("{DEFAULT_REPLICATED}/{name}")
-}
-
-/// Polls `check` every 50 ms until it holds or `timeout` passes.
-fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// Runs a shell command inside a node (its network and mount namespaces).
 fn sh(cluster: &Cluster, node: &str, script: &str) -> std::process::Output {
@@ -89,15 +40,6 @@ fn wait_pair(cluster: &Cluster, primary: &str, secondary: &str) {
             panic!("{error:#}\n{}", logs(cluster));
         }
     }
-}
-
-fn kill(cluster: &Cluster, pid: u32) {
-    cluster.lab.kill(pid, libc::SIGKILL).unwrap();
-    cluster.lab.wait_exit(pid, Duration::from_secs(10)).unwrap();
-}
-
-fn numbers(text: &str) -> Vec<u64> {
-    text.lines().filter_map(|line| line.parse().ok()).collect()
 }
 
 /// The ledger: a writer on the primary appends numbered records to a file in the replicated
