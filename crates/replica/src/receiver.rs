@@ -234,7 +234,7 @@ fn serve_loop(
             Err(e) => break Some(format!("undecodable frame: {e}")),
         };
         sequencer.push(item, &mut |seq, (), _kind, result: Result<(), i32>| {
-            if broken || target.divergence_count() > 0 {
+            if broken || target.diverged() {
                 return;
             }
             ack_buf.clear();
@@ -246,7 +246,7 @@ fn serve_loop(
                 broken = true;
             }
         });
-        if target.divergence_count() > 0 {
+        if target.diverged() {
             tracing::warn!(
                 "replicas diverge: ending the stream so that the primary resynchronises"
             );
@@ -254,7 +254,7 @@ fn serve_loop(
             break None;
         }
     };
-    if target.divergence_count() == 0 {
+    if !target.diverged() {
         let _ = out.flush();
     }
     if sequencer.waiting() > 0 {

@@ -16,7 +16,7 @@
 //! file comes after it.)
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tandem_fs::{FileId, Outcome, ReplicationError};
@@ -47,6 +47,8 @@ pub(crate) struct Counters {
 pub(crate) struct Target {
     pub(crate) applier: Applier,
     pub(crate) divergences: Mutex<Vec<Divergence>>,
+    /// Some divergence was found (read on every frame, without the lock).
+    diverged: AtomicBool,
     pub(crate) counters: Counters,
 }
 
@@ -55,6 +57,7 @@ impl Target {
         Target {
             applier,
             divergences: Mutex::new(Vec::new()),
+            diverged: AtomicBool::new(false),
             counters: Counters::default(),
         }
     }
@@ -64,6 +67,11 @@ impl Target {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Whether a divergence was found.
+    pub(crate) fn diverged(&self) -> bool {
+        self.diverged.load(Ordering::Acquire)
     }
 
     pub(crate) fn divergence_count(&self) -> u64 {
@@ -268,6 +276,7 @@ impl<D> Sequencer<D> {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .push(d);
+            self.target.diverged.store(true, Ordering::Release);
         }
     }
 
