@@ -418,6 +418,12 @@ fn measure(dir: &Path, seq_mib: usize, iops_for: Duration) -> Figures {
     }
 }
 
+/// `BENCH_ROWS` (comma-separated row names, e.g. `Net plaintext`) limits the benchmark to those
+/// rows; all of them by default.
+fn bench_row_selected(name: &str) -> bool {
+    std::env::var("BENCH_ROWS").map_or(true, |rows| rows.split(',').any(|r| r.trim() == name))
+}
+
 #[test]
 #[ignore = "benchmark: run with --ignored --nocapture (release)"]
 fn benchmark_net_replicator_vs_local_only() {
@@ -429,7 +435,10 @@ fn benchmark_net_replicator_vs_local_only() {
         "LocalOnly mount",
         "Net plaintext",
         "Net noise",
-    ] {
+    ]
+    .into_iter()
+    .filter(|name| bench_row_selected(name))
+    {
         let a_dir = tempfile::Builder::new()
             .prefix("tandem-bench-a")
             .tempdir()
@@ -478,7 +487,14 @@ fn benchmark_net_replicator_vs_local_only() {
         };
         rows.push((name, figures));
     }
-    let local = &rows[1].1;
+    let Some(local) = rows
+        .iter()
+        .find(|(name, _)| *name == "LocalOnly mount")
+        .or(rows.first())
+        .map(|(_, f)| f)
+    else {
+        return;
+    };
     eprintln!(
         "\nsequential {seq_mib} MiB in 1 MiB writes + fsync; 4 KiB write+fdatasync for {iops_for:?}"
     );
