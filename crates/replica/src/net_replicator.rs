@@ -9,10 +9,12 @@
 //! thread is sending (with Noise, encrypted on the way), else left to the thread that is (which
 //! sends everything queued before it flushes): no hand-off to another thread, whose wake-up would
 //! cost every small operation a scheduling delay. A large frame (over 64 KiB) is left to the
-//! writer thread, so that encrypting and sending it overlaps with the local apply of the write. A reader thread receives the secondary's
-//! `Ack { seq, error }` and completes the pending completion. Outcomes
-//! ([`Replicator::applied`]) and forgets travel the same queue, so they keep their order with
-//! the mutations. Excluded mutations are completed at once and sent as a *skip* (a mutation
+//! writer thread, so that encrypting and sending it overlaps with the local apply of the write.
+//! A reader thread receives the secondary's `Ack { seq, error }` and completes the pending
+//! completion. Outcomes ([`Replicator::applied`]) and forgets travel the same queue, so they keep
+//! their order with the mutations, but nobody waits for them: they are not sent on their own
+//! but leave with the next mutation (one message and one wake-up of the secondary per operation
+//! instead of two), or after a reader tick when no mutation follows. Excluded mutations are completed at once and sent as a *skip* (a mutation
 //! record with `replicate == false` whose operation is a placeholder), so the secondary's reorder
 //! buffer can move past their `seq`. The queue is bounded ([`NetOptions::queue`] frames):
 //! submit only waits when it is full, that is when the secondary falls that far behind (bounded
@@ -169,6 +171,8 @@ struct Inner {
     state: Mutex<State>,
     on_lost: OnLost,
     timeout: Duration,
+    /// How often the reader thread wakes up at least (ack timeout check, lazy frames).
+    tick: Duration,
     /// The connection, to shut it down from any thread.
     stream: TcpStream,
     /// Set by `close`: the end of the stream is expected.
@@ -256,7 +260,7 @@ impl Inner {
 /// The sending side: a queue of frames and the connection's writer; whoever takes the writer
 /// sends the whole queue.
 struct Out {
-    queue: Mutex<VecDeque<Vec<u8>>>,
+    queue: Mutex<Queue>,
     writer: Mutex<Sender>,
     /// Frames queued at most before a caller waits for the writer itself.
     capacity: usize,
@@ -264,6 +268,16 @@ struct Out {
     /// thread goes on with the local apply; `stop` ends the thread.
     signal: Mutex<Signal>,
     wake: Condvar,
+}
+
+/// Frames waiting to be sent, in order.
+#[derive(Default)]
+struct Queue {
+    frames: VecDeque<Vec<u8>>,
+    /// When the oldest *lazy* frame (an outcome or a forget) was queued, if one waits: lazy
+    /// frames are not sent on their own but with the next mutation, or by the reader thread once
+    /// they waited [`Inner::tick`] (see [`NetReplicator::send_lazy`]).
+    lazy_since: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -335,8 +349,7 @@ impl NetReplicator {
     ) -> Result<NetReplicator, TransportError> {
         let (stream, _peer, input, out) = conn.into_parts()?;
         // The reader wakes up this often to check the oldest pending mutation's age.
-        let tick =
-            (options.timeout / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
+        let tick = (options.timeout / 4).clamp(Duration::from_millis(5), Duration::from_millis(50));
         stream.set_read_timeout(Some(tick))?;
         // A writer blocked on a stuck secondary is released by the ack timeout (shutdown).
         stream.set_write_timeout(None)?;
@@ -349,6 +362,7 @@ impl NetReplicator {
             }),
             on_lost: Box::new(on_lost),
             timeout: options.timeout,
+            tick,
             stream,
             closing: AtomicBool::new(false),
             frames: AtomicU64::new(0),
@@ -357,7 +371,7 @@ impl NetReplicator {
             ack_micros: AtomicU64::new(0),
         });
         let out = Arc::new(Out {
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Queue::default()),
             writer: Mutex::new(Sender {
                 out,
                 failed: false,
@@ -376,9 +390,10 @@ impl NetReplicator {
         };
         let reader = {
             let inner = inner.clone();
+            let out = out.clone();
             std::thread::Builder::new()
                 .name("tandem-repl-rx".into())
-                .spawn(move || read_loop(&inner, input))?
+                .spawn(move || read_loop(&inner, &out, input))?
         };
         Ok(NetReplicator {
             inner,
@@ -539,8 +554,8 @@ impl NetReplicator {
                 .queue
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            queue.push_back(frame);
-            queue.len() >= self.out.capacity
+            queue.frames.push_back(frame);
+            queue.frames.len() >= self.out.capacity
         };
         if full {
             // The secondary (or the thread sending to it) fell behind: wait for the writer,
@@ -567,6 +582,40 @@ impl NetReplicator {
         match wire::to_frame(record) {
             Ok(frame) => self.send(frame),
             Err(e) => tracing::warn!(error = %e, "replication: record not encodable"),
+        }
+    }
+
+    /// Queues a frame nobody waits for (an outcome, a forget) without sending it: it leaves with
+    /// the next mutation (same order, same write), or, when no mutation follows, the reader
+    /// thread sends it once it waited a tick. Sending each outcome on its own would cost every
+    /// operation a second message and a second wake-up of the secondary.
+    fn send_lazy(&self, record: &Record<'_>) {
+        if !self.inner.replicating() {
+            return;
+        }
+        let frame = match wire::to_frame(record) {
+            Ok(frame) => frame,
+            Err(e) => {
+                tracing::warn!(error = %e, "replication: record not encodable");
+                return;
+            }
+        };
+        self.inner.frames.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .bytes
+            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        let full = {
+            let mut queue = self
+                .out
+                .queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            queue.frames.push_back(frame);
+            queue.lazy_since.get_or_insert_with(Instant::now);
+            queue.frames.len() >= self.out.capacity
+        };
+        if full {
+            drain(&self.inner, &self.out, true);
         }
     }
 
@@ -676,14 +725,14 @@ impl Replicator for NetReplicator {
     }
 
     fn applied(&self, seq: u64, outcome: &Outcome) {
-        self.send_record(&Record::Applied {
+        self.send_lazy(&Record::Applied {
             seq,
             outcome: outcome.clone(),
         });
     }
 
     fn forget(&self, id: FileId) {
-        self.send_record(&Record::Forget { id });
+        self.send_lazy(&Record::Forget { id });
     }
 }
 
@@ -704,12 +753,11 @@ fn drain(inner: &Inner, out: &Out, mut wait: bool) {
         };
         let Some(mut sender) = sender else { return };
         loop {
-            let batch: Vec<Vec<u8>> = out
-                .queue
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .drain(..)
-                .collect();
+            let batch: Vec<Vec<u8>> = {
+                let mut queue = out.queue.lock().unwrap_or_else(PoisonError::into_inner);
+                queue.lazy_since = None;
+                queue.frames.drain(..).collect()
+            };
             if batch.is_empty() {
                 break;
             }
@@ -739,6 +787,7 @@ fn drain(inner: &Inner, out: &Out, mut wait: bool) {
             .queue
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .frames
             .is_empty()
         {
             return;
@@ -767,7 +816,7 @@ fn write_loop(inner: &Inner, out: &Out) {
     }
 }
 
-fn read_loop(inner: &Inner, mut input: FrameReader) {
+fn read_loop(inner: &Inner, out: &Out, mut input: FrameReader) {
     loop {
         match input.next() {
             Ok(Some(frame)) => match wire::decode_frame(&frame) {
@@ -789,6 +838,14 @@ fn read_loop(inner: &Inner, mut input: FrameReader) {
         inner.check_timeout();
         if !inner.replicating() {
             return;
+        }
+        let lazy_since = out
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .lazy_since;
+        if lazy_since.is_some_and(|since| since.elapsed() >= inner.tick) {
+            drain(inner, out, false);
         }
     }
 }
