@@ -16,6 +16,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crate::applier::{Applier, Divergence};
 use crate::sequencer::{Input, Sequencer, Target};
@@ -95,7 +96,8 @@ impl Receiver {
         applier: Applier,
         first_seq: u64,
     ) -> Result<Receiver, TransportError> {
-        let (stream, peer, input, out) = conn.into_parts()?;
+        let (stream, peer, mut input, out) = conn.into_parts()?;
+        input.set_poll(poll_window());
         // The primary's silence is not an error here (the daemon watches the peer).
         stream.set_read_timeout(None)?;
         stream.set_write_timeout(None)?;
@@ -182,6 +184,19 @@ impl Drop for Receiver {
 /// the connection is shut down without acknowledging anything more, so the primary counts this
 /// secondary as lost, starts a new data generation and resynchronises it, instead of going on
 /// with replicas that differ.
+/// How long the receiver polls for the next frame before blocking (see
+/// `FrameReader::set_poll`); `TANDEM_RECV_POLL_US` overrides it (0: never poll).
+fn poll_window() -> Duration {
+    let micros = std::env::var("TANDEM_RECV_POLL_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_POLL_US);
+    Duration::from_micros(micros)
+}
+
+/// Default of [`poll_window`], in microseconds.
+const DEFAULT_POLL_US: u64 = 100;
+
 fn serve_loop(
     mut input: FrameReader,
     mut out: FrameWriter,

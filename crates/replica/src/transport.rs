@@ -40,7 +40,7 @@
 use std::io::{self, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use snow::{Builder, StatelessTransportState};
 
@@ -518,6 +518,11 @@ pub(crate) struct FrameReader {
     /// many bytes of the frame's body that covers. Pieces are decrypted as they arrive.
     plain: Vec<u8>,
     decrypted: usize,
+    /// How long to poll the socket before blocking on it, when the previous message came that
+    /// soon ([`FrameReader::set_poll`]); zero: never.
+    poll: Duration,
+    /// How long the last wait for data lasted (from the call of `fill` to the data).
+    last_wait: Option<Duration>,
 }
 
 impl FrameReader {
@@ -534,6 +539,41 @@ impl FrameReader {
             frame: None,
             plain: Vec::new(),
             decrypted: 0,
+            poll: Duration::ZERO,
+            last_wait: None,
+        }
+    }
+
+    /// Polls the socket for up to `poll` before blocking on it, while the last wait for a
+    /// message was that short (adaptive: an idle stream blocks at once). A message that
+    /// arrives while the reader polls is taken without a wake-up of this thread, which on
+    /// virtual machines whose idle CPUs halt costs tens of microseconds per message.
+    pub(crate) fn set_poll(&mut self, poll: Duration) {
+        self.poll = poll;
+    }
+
+    /// Waits (polling, see [`FrameReader::set_poll`]) for up to `poll` for data to read;
+    /// `true` when some came.
+    fn poll_for_data(&mut self) -> bool {
+        if self.last_wait.is_none_or(|wait| wait >= self.poll) {
+            return false;
+        }
+        let started = Instant::now();
+        let mut probe = [0u8; 1];
+        loop {
+            match rustix::net::recv(
+                &self.stream,
+                &mut probe,
+                rustix::net::RecvFlags::DONTWAIT | rustix::net::RecvFlags::PEEK,
+            ) {
+                Ok(_) => return true,
+                Err(rustix::io::Errno::AGAIN) => {}
+                Err(_) => return true,
+            }
+            if started.elapsed() >= self.poll {
+                return false;
+            }
+            std::hint::spin_loop();
         }
     }
 
@@ -579,11 +619,16 @@ impl FrameReader {
     fn fill(&mut self) -> io::Result<bool> {
         self.start = 0;
         self.end = 0;
+        let waiting = (!self.poll.is_zero()).then(Instant::now);
+        if waiting.is_some() {
+            self.poll_for_data();
+        }
         loop {
             match self.stream.read(&mut self.buf) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => {
                     self.end = n;
+                    self.last_wait = waiting.map(|at| at.elapsed());
                     return Ok(true);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -628,6 +673,13 @@ impl FrameReader {
                 self.frame = Some((frame, PREFIX_LEN));
                 self.prefix_got = 0;
                 self.plain.clear();
+                if self.keys.is_some() {
+                    // The plaintext is at most the frame minus a tag per piece: room for all of
+                    // it at once, so that appending the pieces never moves what came before.
+                    let pieces = len.div_ceil(NOISE_MAX_MSG).max(1);
+                    self.plain
+                        .reserve(PREFIX_LEN + len.saturating_sub(pieces * TAG_LEN));
+                }
                 self.plain.extend_from_slice(&[0; PREFIX_LEN]);
                 self.decrypted = 0;
             }
