@@ -129,6 +129,8 @@ struct Pending {
 /// Collected while applying one mutation.
 #[derive(Default)]
 struct Effects {
+    /// Bytes of a write's data already written by [`Applier::write_ahead`] (skipped here).
+    preapplied: usize,
     written: Option<u64>,
     target: Option<Arc<Node>>,
     created: bool,
@@ -195,7 +197,17 @@ impl Applier {
     /// will be compared with ([`Applier::apply_outcome`]). Mutations with `replicate == false`
     /// must not be given (they are not sent).
     pub fn apply(&self, m: &Mutation<'_>) -> Result<(), i32> {
-        let mut fx = Effects::default();
+        self.apply_after(m, 0)
+    }
+
+    /// [`Applier::apply`] of a write whose first `preapplied` bytes of data were already
+    /// written by [`Applier::write_ahead`] while the rest of its frame arrived: only the rest is
+    /// written, and the result counts all of it. `preapplied` is ignored for other operations.
+    pub fn apply_after(&self, m: &Mutation<'_>, preapplied: usize) -> Result<(), i32> {
+        let mut fx = Effects {
+            preapplied,
+            ..Effects::default()
+        };
         let result = self.apply_op(&m.op, &mut fx);
         let (ids, paths) = involved(&m.op);
         let mut pending = lock(&self.pending);
@@ -215,6 +227,20 @@ impl Applier {
             pending.pop_first();
         }
         result
+    }
+
+    /// Writes `data` at `offset` of the file `node`: the first part of a large write, applied
+    /// while the rest of its frame is still arriving (the caller makes sure the write is the next
+    /// mutation in `seq` order). Returns how many bytes were written (fewer than `data` when
+    /// the file system wrote less); [`Applier::apply_after`] then writes the rest and reports
+    /// the result, errors included.
+    pub fn write_ahead(&self, node: &NodeRef, offset: u64, data: &[u8]) -> Result<usize, i32> {
+        let n = self.node(node)?;
+        let f = n.file()?;
+        match sys::pwrite_all(f.as_fd(), data, offset) {
+            (0, Some(e)) => Err(e),
+            (written, _) => Ok(written),
+        }
     }
 
     /// The primary's local outcome of mutation `seq` (after [`Applier::apply`] of it): compares
@@ -334,7 +360,10 @@ impl Applier {
                 let n = self.node(node)?;
                 fx.target = Some(n.clone());
                 let f = n.file()?;
-                let (written, err) = sys::pwrite_all(f.as_fd(), data, *offset);
+                let skip = fx.preapplied.min(data.len());
+                let (rest, err) =
+                    sys::pwrite_all(f.as_fd(), &data[skip..], offset.saturating_add(skip as u64));
+                let written = skip + rest;
                 fx.written = Some(written as u64);
                 if written == 0
                     && let Some(e) = err

@@ -34,6 +34,8 @@ pub struct ReceiverStats {
     pub bytes: u64,
     /// Forgets processed.
     pub forgets: u64,
+    /// Bytes of large writes written while their frames arrived (before their apply).
+    pub written_ahead: u64,
     /// Divergences found.
     pub divergences: u64,
 }
@@ -144,6 +146,7 @@ impl Receiver {
             failed: c.failed.load(Ordering::Relaxed),
             bytes: c.bytes.load(Ordering::Relaxed),
             forgets: c.forgets.load(Ordering::Relaxed),
+            written_ahead: c.written_ahead.load(Ordering::Relaxed),
             divergences: self.target.divergence_count(),
         }
     }
@@ -197,6 +200,82 @@ fn poll_window() -> Duration {
 /// Default of [`poll_window`], in microseconds.
 const DEFAULT_POLL_US: u64 = 100;
 
+/// A large write whose data is written while its frame arrives (see [`write_ahead`]).
+#[derive(Clone, Copy, Debug)]
+struct Ahead {
+    seq: u64,
+    /// Bytes of its data written so far.
+    written: usize,
+    /// No more writing ahead for this frame (not the next mutation, or a write fell short).
+    stopped: bool,
+}
+
+/// Data written ahead at a time, at least (fewer, larger `pwrite`s).
+const WRITE_AHEAD_STEP: usize = 128 << 10;
+
+/// Shown the part of a large frame that arrived (`view`: prefix and body so far): when it is a
+/// write that will be applied as soon as it is whole (the next `seq`, nothing waiting), writes
+/// the data received so far, so that the copy to the secondary's file overlaps with the
+/// transfer instead of following it. The mutation's apply then writes only the rest
+/// ([`Sequencer::wrote_ahead`]) and reports the result of the whole. If the stream breaks
+/// before the frame is whole, the file holds the start of a write the primary never
+/// acknowledged, as after a crash in the middle of a local write.
+fn write_ahead(view: &[u8], sequencer: &Sequencer<()>, target: &Target, ahead: &mut Option<Ahead>) {
+    if ahead.is_some_and(|a| a.stopped) || target.diverged() {
+        return;
+    }
+    let Some(body) = view.get(wire::PREFIX_LEN..) else {
+        return;
+    };
+    // The data of a write is the end of its frame: a partial frame decodes as the write with
+    // the data received so far.
+    let Ok(Record::Mutation(m)) = wire::decode(body) else {
+        return;
+    };
+    let tandem_fs::Op::Write {
+        node, offset, data, ..
+    } = &m.op
+    else {
+        return;
+    };
+    let done = match *ahead {
+        Some(a) if a.seq == m.seq => a.written,
+        Some(_) => return,
+        None if m.replicate && sequencer.may_write_ahead(m.seq) => 0,
+        None => {
+            *ahead = Some(Ahead {
+                seq: m.seq,
+                written: 0,
+                stopped: true,
+            });
+            return;
+        }
+    };
+    if data.len() < done + WRITE_AHEAD_STEP {
+        return;
+    }
+    let chunk = &data[done..];
+    let (written, stopped) =
+        match target
+            .applier
+            .write_ahead(node, offset.saturating_add(done as u64), chunk)
+        {
+            Ok(n) => {
+                target
+                    .counters
+                    .written_ahead
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                (done + n, n < chunk.len())
+            }
+            Err(_) => (done, true),
+        };
+    *ahead = Some(Ahead {
+        seq: m.seq,
+        written,
+        stopped,
+    });
+}
+
 fn serve_loop(
     mut input: FrameReader,
     mut out: FrameWriter,
@@ -207,11 +286,13 @@ fn serve_loop(
 ) -> (Option<String>, usize) {
     let mut ack_buf = Vec::with_capacity(64);
     let mut broken = false;
+    let mut ahead: Option<Ahead> = None;
     let error = loop {
         if !input.buffered() && !broken && out.flush().is_err() {
             broken = true;
         }
-        let frame = match input.next() {
+        let next = input.next_with(&mut |view| write_ahead(view, &sequencer, target, &mut ahead));
+        let frame = match next {
             Ok(Some(f)) => f,
             // No read timeout is set: `None` does not happen; read again.
             Ok(None) => continue,
@@ -227,12 +308,18 @@ fn serve_loop(
             .counters
             .bytes
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        let wrote_ahead = ahead.take();
         let item = match wire::decode_frame(&frame) {
-            Ok(Record::Mutation(m)) if m.replicate => Input::Mutation {
-                seq: m.seq,
-                frame,
-                done: (),
-            },
+            Ok(Record::Mutation(m)) if m.replicate => {
+                if let Some(a) = wrote_ahead.filter(|a| a.seq == m.seq && a.written > 0) {
+                    sequencer.wrote_ahead(a.seq, a.written);
+                }
+                Input::Mutation {
+                    seq: m.seq,
+                    frame,
+                    done: (),
+                }
+            }
             Ok(Record::Mutation(m)) => Input::Skip { seq: m.seq },
             Ok(Record::Applied { .. } | Record::Forget { .. }) => Input::Frame(frame),
             Ok(

@@ -41,6 +41,7 @@ pub(crate) struct Counters {
     pub(crate) failed: AtomicU64,
     pub(crate) bytes: AtomicU64,
     pub(crate) forgets: AtomicU64,
+    pub(crate) written_ahead: AtomicU64,
 }
 
 /// The applier and what applying produced, shared with the handle of the owner.
@@ -120,6 +121,9 @@ pub(crate) struct Sequencer<D> {
     deferred: VecDeque<Input<D>>,
     /// Deferred records to process before the next new one.
     inbox: VecDeque<Input<D>>,
+    /// A write whose first bytes were written ahead ([`Sequencer::wrote_ahead`]): its `seq`
+    /// and how many bytes.
+    ahead: Option<(u64, usize)>,
 }
 
 impl<D> Sequencer<D> {
@@ -141,7 +145,21 @@ impl<D> Sequencer<D> {
             forget: None,
             deferred: VecDeque::new(),
             inbox: VecDeque::new(),
+            ahead: None,
         }
+    }
+
+    /// Whether mutation `seq` would be applied as soon as it arrives: it is the next one in
+    /// order and nothing waits. Only then may the start of a large write be written ahead,
+    /// while the rest of its frame arrives.
+    pub(crate) fn may_write_ahead(&self, seq: u64) -> bool {
+        seq == self.next_seq && self.idle()
+    }
+
+    /// The first `bytes` of the data of write `seq` were written ahead: its apply writes only
+    /// the rest.
+    pub(crate) fn wrote_ahead(&mut self, seq: u64, bytes: usize) {
+        self.ahead = Some((seq, bytes));
     }
 
     /// Nothing waits (every record received was processed).
@@ -250,7 +268,15 @@ impl<D> Sequencer<D> {
         }
     }
 
-    fn apply(&self, seq: u64, frame: &[u8]) -> (&'static str, Result<(), i32>) {
+    fn apply(&mut self, seq: u64, frame: &[u8]) -> (&'static str, Result<(), i32>) {
+        let preapplied = match self.ahead.take() {
+            Some((s, bytes)) if s == seq => bytes,
+            Some(other) => {
+                self.ahead = Some(other);
+                0
+            }
+            None => 0,
+        };
         let c = &self.target.counters;
         let m = match wire::decode_frame(frame) {
             Ok(Record::Mutation(m)) if m.seq == seq => m,
@@ -260,7 +286,7 @@ impl<D> Sequencer<D> {
                 return ("invalid frame", Err(libc::EIO));
             }
         };
-        let result = self.target.applier.apply(&m);
+        let result = self.target.applier.apply_after(&m, preapplied);
         c.applied.fetch_add(1, Ordering::Relaxed);
         if result.is_err() {
             c.failed.fetch_add(1, Ordering::Relaxed);

@@ -56,6 +56,9 @@ pub const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_AESGCM_BLAKE2s";
 pub const PSK_CONTEXT: &str = "tandem 2026-11 replication psk v1";
 /// What each side sends first in [`Security::Plaintext`] mode.
 pub const PLAINTEXT_HELLO: &[u8] = b"tandem replication plaintext v1";
+/// Frames at least this large are shown to [`FrameReader::next_with`]'s `progress` while
+/// they arrive.
+pub(crate) const PROGRESS_MIN: usize = 256 << 10;
 /// Deadline of the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -475,21 +478,32 @@ impl FrameWriter {
         let chunks = body.len().div_ceil(MAX_CHUNK).max(1);
         let total = body.len() + chunks * TAG_LEN;
         let len = u32::try_from(total).map_err(|_| io::Error::other("frame too large"))?;
-        self.out.write_all(&len.to_le_bytes())?;
+        // A large frame leaves piece by piece, straight from the encryption buffer to the socket
+        // (what is buffered goes first): the receiver decrypts the first pieces while the next
+        // are encrypted here, and the data is not copied through the buffer.
+        let large = chunks > 1;
+        if large {
+            self.out.flush()?;
+        }
         for index in 0..chunks {
             let start = index * MAX_CHUNK;
             let end = (start + MAX_CHUNK).min(body.len());
             let chunk = body.get(start..end).unwrap_or_default();
+            // The first piece carries the frame's length in front.
+            let at = if index == 0 { PREFIX_LEN } else { 0 };
             self.scratch.clear();
-            self.scratch.resize(chunk.len() + TAG_LEN, 0);
+            self.scratch.resize(at + chunk.len() + TAG_LEN, 0);
+            if index == 0 {
+                self.scratch[..PREFIX_LEN].copy_from_slice(&len.to_le_bytes());
+            }
             let n = keys
-                .write_message(next_nonce(&mut self.nonce)?, chunk, &mut self.scratch)
+                .write_message(next_nonce(&mut self.nonce)?, chunk, &mut self.scratch[at..])
                 .map_err(|e| io::Error::other(format!("noise: {e}")))?;
-            self.out.write_all(&self.scratch[..n])?;
-            // A large frame leaves piece by piece: the receiver decrypts the first pieces while
-            // the next are encrypted here.
-            if chunks > 1 {
-                self.out.flush()?;
+            let piece = &self.scratch[..at + n];
+            if large {
+                self.out.get_mut().write_all(piece)?;
+            } else {
+                self.out.write_all(piece)?;
             }
         }
         Ok(())
@@ -518,6 +532,8 @@ pub(crate) struct FrameReader {
     /// many bytes of the frame's body that covers. Pieces are decrypted as they arrive.
     plain: Vec<u8>,
     decrypted: usize,
+    /// With Noise: the buffer of the last encrypted frame, reused for the next.
+    spare: Vec<u8>,
     /// How long to poll the socket before blocking on it, when the previous message came that
     /// soon ([`FrameReader::set_poll`]); zero: never.
     poll: Duration,
@@ -539,6 +555,7 @@ impl FrameReader {
             frame: None,
             plain: Vec::new(),
             decrypted: 0,
+            spare: Vec::new(),
             poll: Duration::ZERO,
             last_wait: None,
         }
@@ -609,6 +626,18 @@ impl FrameReader {
         }
     }
 
+    /// Shows the frame being read, as far as it arrived (decrypted), to `progress`.
+    fn show_progress(&self, progress: &mut dyn FnMut(&[u8])) {
+        let Some((frame, got)) = self.frame.as_ref() else {
+            return;
+        };
+        if self.keys.is_some() {
+            progress(&self.plain);
+        } else {
+            progress(&frame[..*got]);
+        }
+    }
+
     /// Whether received bytes are waiting in the buffer (a frame, or part of one, can be taken
     /// without reading the socket).
     pub(crate) fn buffered(&self) -> bool {
@@ -648,6 +677,17 @@ impl FrameReader {
     /// The next whole wire frame (prefix and body, decrypted), or `None` when the read timed
     /// out first (what was read is kept). End of stream is `UnexpectedEof`.
     pub(crate) fn next(&mut self) -> Result<Option<Vec<u8>>, TransportError> {
+        self.next_with(&mut |_| {})
+    }
+
+    /// [`FrameReader::next`], showing a large frame (at least [`PROGRESS_MIN`] bytes) to
+    /// `progress` each time more of it arrived: its prefix (a placeholder with Noise) and the
+    /// part of the body received (decrypted) so far. Lets the receiver write the start of a
+    /// large write while the rest is still on the way.
+    pub(crate) fn next_with(
+        &mut self,
+        progress: &mut dyn FnMut(&[u8]),
+    ) -> Result<Option<Vec<u8>>, TransportError> {
         // The prefix.
         while self.frame.is_none() {
             if self.start == self.end && !self.fill()? {
@@ -668,7 +708,18 @@ impl FrameReader {
                 if len > max || (self.keys.is_some() && len < TAG_LEN) {
                     return Err(TransportError::Protocol(format!("frame of {len} bytes")));
                 }
-                let mut frame = vec![0u8; PREFIX_LEN + len];
+                // With Noise the received (encrypted) frame is only read here: its buffer is kept
+                // for the next frame, and not zeroed again (only what arrives is looked at).
+                let mut frame = if self.keys.is_some() {
+                    std::mem::take(&mut self.spare)
+                } else {
+                    Vec::new()
+                };
+                if frame.len() < PREFIX_LEN + len {
+                    frame.resize(PREFIX_LEN + len, 0);
+                } else {
+                    frame.truncate(PREFIX_LEN + len);
+                }
                 frame[..PREFIX_LEN].copy_from_slice(&self.prefix);
                 self.frame = Some((frame, PREFIX_LEN));
                 self.prefix_got = 0;
@@ -692,12 +743,16 @@ impl FrameReader {
             if *got == frame.len() {
                 break;
             }
+            let large = frame.len() >= PROGRESS_MIN;
             if self.start < self.end {
                 let n = (frame.len() - *got).min(self.end - self.start);
                 frame[*got..*got + n].copy_from_slice(&self.buf[self.start..self.start + n]);
                 self.start += n;
                 *got += n;
                 self.decrypt_ready()?;
+                if large {
+                    self.show_progress(progress);
+                }
             } else if frame.len() - *got >= self.buf.len() {
                 // Large rest: straight into the frame.
                 match self.stream.read(&mut frame[*got..]) {
@@ -705,6 +760,9 @@ impl FrameReader {
                     Ok(n) => {
                         *got += n;
                         self.decrypt_ready()?;
+                        if large {
+                            self.show_progress(progress);
+                        }
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e)
@@ -729,7 +787,9 @@ impl FrameReader {
             .frame
             .as_ref()
             .is_some_and(|(frame, _)| self.decrypted == frame.len() - PREFIX_LEN);
-        self.frame = None;
+        if let Some((frame, _)) = self.frame.take() {
+            self.spare = frame;
+        }
         if !complete {
             return Err(TransportError::Protocol("short noise message".into()));
         }
