@@ -38,8 +38,12 @@
 //!        └──── record_locally() / fail_all() (the daemon may decide first) ────┘
 //! ```
 //!
-//! - **Replicating**: frames are sent; each completion completes with the secondary's result
-//!   when its ack arrives (`ENOSPC`/`EDQUOT` as such, other errors as `EIO`).
+//! - **Replicating**: frames are sent; each completion completes when its ack arrives. An ack
+//!   reporting a failure is weighed against the local result: if the mutation failed here too,
+//!   the application gets the local error; if it succeeded here, the secondary's copy no longer
+//!   matches, so the secondary is declared lost (as below) and the mutation is held, then
+//!   completed by `record_locally`: a problem of the secondary alone (its disk full, say) never
+//!   fails the application's call.
 //! - **Holding**: entered when the oldest pending mutation has waited longer than
 //!   [`NetOptions::timeout`] for its ack, or when the connection fails (closed, reset, a write
 //!   error, garbage). The connection is shut down and the `on_lost` callback runs once with a
@@ -63,7 +67,6 @@ use std::time::{Duration, Instant};
 
 use tandem_fs::{Completion, FileId, Mutation, NodeRef, Op, Outcome, ReplicationError, Replicator};
 
-use crate::sequencer::remote_result;
 use crate::transport::{Connection, FrameReader, FrameWriter, Security, TransportError};
 use crate::wire::{self, Record};
 
@@ -141,6 +144,46 @@ struct Pending {
     bytes: u64,
     kind: &'static str,
     since: Instant,
+    /// The primary's local result (`Some(errno)` for a failure), once applied here.
+    local: Option<Option<i32>>,
+    /// The secondary's failure, when its ack reported one (decided with `local`).
+    remote_error: Option<i32>,
+}
+
+/// What to do with a mutation the secondary failed, once the local result is known too.
+enum Verdict {
+    /// Not decidable yet (the local result is not known).
+    Wait,
+    /// Both failed: the application gets the local error (the remote one changes nothing).
+    Complete(Completion),
+    /// The secondary failed what succeeded here: it no longer matches. The mutation stays held
+    /// and the secondary is declared lost (the reason is given).
+    Diverged(String),
+}
+
+/// Decides on the pending mutation `seq` if the secondary failed it and the local result is
+/// known (removes it when it completes).
+fn verdict(state: &mut State, seq: u64) -> Verdict {
+    let Some(p) = state.pending.get(&seq) else {
+        return Verdict::Wait;
+    };
+    let (Some(remote), Some(local)) = (p.remote_error, p.local) else {
+        return Verdict::Wait;
+    };
+    match local {
+        None => Verdict::Diverged(format!(
+            "the secondary failed {} (seq {seq}, errno {remote}) that succeeded here: its copy \
+             no longer matches",
+            p.kind
+        )),
+        Some(_) => match state.pending.remove(&seq) {
+            Some(p) => {
+                state.pending_bytes = state.pending_bytes.saturating_sub(p.bytes);
+                Verdict::Complete(p.done)
+            }
+            None => Verdict::Wait,
+        },
+    }
 }
 
 struct State {
@@ -211,27 +254,75 @@ impl Inner {
         (self.on_lost)(&lost);
     }
 
+    /// The secondary's ack of `seq`. A success completes the mutation. A failure is weighed
+    /// against the local result ([`verdict`]): the same failure here changes nothing for the
+    /// application (it gets the local error), but a failure of what succeeded here means the
+    /// secondary's copy no longer matches: the mutation is held and the secondary lost, so
+    /// that the primary goes on alone (then completes it) instead of failing the application
+    /// for the secondary's problem (a full disk there, say).
     fn ack(&self, seq: u64, error: Option<i32>) {
-        let pending = {
+        let verdict = {
             let mut s = self.lock();
             if s.state != ReplicationState::Replicating {
                 return;
             }
-            let p = s.pending.remove(&seq);
-            if let Some(p) = &p {
-                s.pending_bytes = s.pending_bytes.saturating_sub(p.bytes);
+            match error {
+                None => match s.pending.remove(&seq) {
+                    Some(p) => {
+                        s.pending_bytes = s.pending_bytes.saturating_sub(p.bytes);
+                        drop(s);
+                        self.count_ack(p.since);
+                        p.done.complete(Ok(()));
+                        return;
+                    }
+                    None => {
+                        drop(s);
+                        tracing::warn!(seq, "replication: ack of no pending mutation");
+                        return;
+                    }
+                },
+                Some(e) => {
+                    let Some(p) = s.pending.get_mut(&seq) else {
+                        drop(s);
+                        tracing::warn!(seq, "replication: ack of no pending mutation");
+                        return;
+                    };
+                    p.remote_error = Some(e);
+                    let since = p.since;
+                    self.count_ack(since);
+                    verdict(&mut s, seq)
+                }
             }
-            p
         };
-        match pending {
-            Some(p) => {
-                self.acks.fetch_add(1, Ordering::Relaxed);
-                let micros = u64::try_from(p.since.elapsed().as_micros()).unwrap_or(u64::MAX);
-                self.ack_micros.fetch_add(micros, Ordering::Relaxed);
-                p.done
-                    .complete(remote_result(seq, p.kind, error.map_or(Ok(()), Err)));
+        self.carry_out(verdict);
+    }
+
+    fn count_ack(&self, since: Instant) {
+        self.acks.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.ack_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// The local result of `seq` (`Some(errno)` when it failed here), for [`verdict`].
+    fn local_result(&self, seq: u64, error: Option<i32>) {
+        let verdict = {
+            let mut s = self.lock();
+            match s.pending.get_mut(&seq) {
+                Some(p) => {
+                    p.local = Some(error);
+                    verdict(&mut s, seq)
+                }
+                None => return,
             }
-            None => tracing::warn!(seq, "replication: ack of no pending mutation"),
+        };
+        self.carry_out(verdict);
+    }
+
+    fn carry_out(&self, verdict: Verdict) {
+        match verdict {
+            Verdict::Wait => {}
+            Verdict::Complete(done) => done.complete(Ok(())),
+            Verdict::Diverged(reason) => self.lose(reason),
         }
     }
 
@@ -705,6 +796,8 @@ impl Replicator for NetReplicator {
                         bytes,
                         kind: mutation.kind(),
                         since: Instant::now(),
+                        local: None,
+                        remote_error: None,
                     },
                 );
                 drop(s);
@@ -725,6 +818,7 @@ impl Replicator for NetReplicator {
     }
 
     fn applied(&self, seq: u64, outcome: &Outcome) {
+        self.inner.local_result(seq, outcome.error);
         self.send_lazy(&Record::Applied {
             seq,
             outcome: outcome.clone(),

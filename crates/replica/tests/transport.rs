@@ -523,8 +523,11 @@ fn benchmark_net_replicator_vs_local_only() {
 /// A divergence (the secondary's result differs from the primary's) ends the stream: the
 /// primary counts the secondary as lost (so the daemon starts a new generation and
 /// resynchronises it) instead of going on with replicas that differ.
+/// A failure of the secondary alone (here `EEXIST`, as a full disk there would give `ENOSPC`)
+/// does not fail the application's call: the primary counts the secondary lost (its copy no
+/// longer matches), holds the mutation, and completes it once it goes on alone.
 #[test]
-fn divergence_ends_the_stream_and_the_primary_counts_the_secondary_lost() {
+fn a_failure_of_the_secondary_alone_loses_it_and_the_call_succeeds() {
     let (_a_dir, _b_dir, a, b) = trees();
     // Only on the secondary: the primary's mkdir succeeds, the secondary's fails (EEXIST).
     fs::write(b.join("only-here"), b"x").unwrap();
@@ -534,10 +537,6 @@ fn divergence_ends_the_stream_and_the_primary_counts_the_secondary_lost() {
     let rep = Arc::new(rep.unwrap());
     let mut receiver = receiver.join().unwrap().unwrap();
     let mut guard = mount(&a, rep.clone());
-    // The mkdir waits for the secondary's ack. The secondary fails it and reports the
-    // divergence when the primary's outcome arrives, then ends the stream: the mkdir's reply
-    // is either that failure (if the ack left before the stream ended) or held with the loss,
-    // until the daemon records it locally.
     let mkdir = {
         let path = a.join("only-here");
         let (tx, rx) = mpsc::channel();
@@ -550,16 +549,57 @@ fn divergence_ends_the_stream_and_the_primary_counts_the_secondary_lost() {
         .recv_timeout(Duration::from_secs(10))
         .expect("the primary sees the secondary lost");
     eprintln!("lost: {report:?}");
+    assert!(
+        report.reason.contains("failed mkdir") && report.reason.contains("succeeded here"),
+        "{report:?}"
+    );
+    assert_eq!(report.held, 1, "the mkdir is held");
     let ended = receiver.wait();
-    assert!(ended.stats.divergences >= 1, "{ended:?}");
+    eprintln!("secondary: {ended:?}");
     assert_eq!(rep.state(), ReplicationState::Holding);
+    assert!(
+        mkdir.recv_timeout(Duration::from_millis(300)).is_err(),
+        "held until the primary goes on alone"
+    );
     rep.record_locally();
     let result = mkdir
         .recv_timeout(Duration::from_secs(10))
         .expect("the mkdir returns once recorded");
-    eprintln!("mkdir: {result:?}");
+    assert!(result.is_ok(), "the call succeeds: {result:?}");
     assert!(a.join("only-here").is_dir(), "applied on the primary");
+    assert_eq!(rep.recorded().len(), 1);
     guard.0.take().unwrap().unmount().unwrap();
+}
+
+/// A mutation that fails on both nodes the same way gives the application the error and
+/// leaves the stream as it was.
+#[test]
+fn the_same_failure_on_both_nodes_is_the_applications_error_and_replication_goes_on() {
+    let (_a_dir, _b_dir, a, b) = trees();
+    for root in [&a, &b] {
+        fs::create_dir(root.join("full")).unwrap();
+        fs::write(root.join("full/f"), b"x").unwrap();
+    }
+    let security = Security::Plaintext;
+    let (addr, receiver) = spawn_receiver(&b, &security);
+    let (rep, lost) = connect(addr, security, Duration::from_secs(5));
+    let rep = Arc::new(rep.unwrap());
+    let mut receiver = receiver.join().unwrap().unwrap();
+    let mut guard = mount(&a, rep.clone());
+    let err = fs::remove_dir(a.join("full")).expect_err("not empty");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTEMPTY), "{err}");
+    // Replication goes on.
+    fs::write(a.join("after"), b"still replicated").unwrap();
+    File::open(a.join("after")).unwrap().sync_all().unwrap();
+    assert_eq!(rep.state(), ReplicationState::Replicating);
+    assert_eq!(rep.stats().in_flight, 0);
+    guard.0.take().unwrap().unmount().unwrap();
+    rep.close();
+    let report = receiver.wait();
+    assert!(lost.try_recv().is_err(), "no loss");
+    assert_eq!(report.error, None);
+    assert!(receiver.divergences().is_empty());
+    assert_eq!(fs::read(b.join("after")).unwrap(), b"still replicated");
 }
 
 /// Large writes are written on the secondary while their frames arrive (write-ahead), and the
