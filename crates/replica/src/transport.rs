@@ -590,7 +590,8 @@ impl FrameReader {
             if started.elapsed() >= self.poll {
                 return false;
             }
-            std::hint::spin_loop();
+            // Other threads of this CPU go first: the poll only takes what would be idle time.
+            std::thread::yield_now();
         }
     }
 
