@@ -569,26 +569,26 @@ impl FrameReader {
         self.poll = poll;
     }
 
-    /// Waits (polling, see [`FrameReader::set_poll`]) for up to `poll` for data to read;
-    /// `true` when some came.
-    fn poll_for_data(&mut self) -> bool {
+    /// Reads without blocking for up to `poll` (see [`FrameReader::set_poll`]): the number of
+    /// bytes read into the buffer (0 at the end of the stream), or `None` when nothing came in
+    /// time (then the caller blocks).
+    fn poll_read(&mut self) -> io::Result<Option<usize>> {
         if self.last_wait.is_none_or(|wait| wait >= self.poll) {
-            return false;
+            return Ok(None);
         }
         let started = Instant::now();
-        let mut probe = [0u8; 1];
         loop {
             match rustix::net::recv(
                 &self.stream,
-                &mut probe,
-                rustix::net::RecvFlags::DONTWAIT | rustix::net::RecvFlags::PEEK,
+                &mut self.buf[..],
+                rustix::net::RecvFlags::DONTWAIT,
             ) {
-                Ok(_) => return true,
-                Err(rustix::io::Errno::AGAIN) => {}
-                Err(_) => return true,
+                Ok((n, _)) => return Ok(Some(n)),
+                Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
             }
             if started.elapsed() >= self.poll {
-                return false;
+                return Ok(None);
             }
             // Other threads of this CPU go first: the poll only takes what would be idle time.
             std::thread::yield_now();
@@ -651,7 +651,15 @@ impl FrameReader {
         self.end = 0;
         let waiting = (!self.poll.is_zero()).then(Instant::now);
         if waiting.is_some() {
-            self.poll_for_data();
+            match self.poll_read()? {
+                Some(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Some(n) => {
+                    self.end = n;
+                    self.last_wait = waiting.map(|at| at.elapsed());
+                    return Ok(true);
+                }
+                None => {}
+            }
         }
         loop {
             match self.stream.read(&mut self.buf) {
