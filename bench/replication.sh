@@ -12,17 +12,21 @@
 #   sudo bench/replication.sh [--mib 1024] [--seconds 10] [--runs 1] [--pg-scale 10] [--pg-seconds 30]
 #                             [--scratch /var/tmp/tandem-bench] [--no-replicated] [--no-pgbench]
 #                             [--repl-wait 120] [--json FILE] [--legs local,twocopy,noop,repl]
+#                             [--no-bracket]
 #
 # --runs N repeats workloads 1 and 2 and keeps the median run (the lower middle one for even N);
 # --legs runs only some places (the ratios need local, twocopy and repl together);
-# --no-replicated is --legs local,twocopy,noop.
+# --no-replicated is --legs local,twocopy,noop;
+# the local and two-copy legs run again after the replicated one (unless --no-bracket), and the
+# ratios use the mean of both, so that a drift of the disk's speed during the run (this VM's disk
+# moves by 1.5-4x between minutes) biases them less; both figures are printed.
 #
 # Everything it starts (the no-op mount, PostgreSQL servers, the demo lab) is removed on exit,
 # Ctrl-C included. The replicated leg is not run while a demo lab is up (it is not ours to remove).
 set -eu -o pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '12,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '12,23p' "$0" | sed 's/^# \{0,1\}//'; }
 
 MIB=1024
 RUNS=1
@@ -37,6 +41,7 @@ LEGS=local,twocopy,noop,repl
 WITH_PGBENCH=1
 REPL_WAIT=120
 JSON_OUT=
+BRACKET=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --mib) MIB=$2; shift 2 ;;
@@ -50,6 +55,7 @@ while [ $# -gt 0 ]; do
         --no-pgbench) WITH_PGBENCH=0; shift ;;
         --repl-wait) REPL_WAIT=$2; shift 2 ;;
         --json) JSON_OUT=$(realpath -m "$2"); shift 2 ;;
+        --no-bracket) BRACKET=0; shift ;;
         -h | --help) usage; exit 0 ;;
         *) echo "unknown argument $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -314,26 +320,33 @@ echo "workloads: seq ${MIB} MiB in 1 MiB writes + fsync; 4 KiB write+fsync QD1 f
 # ---------------------------------------------------------------------------------------------
 # 1. The plain local directory, and the two-copy limit.
 
-if has_leg local; then
-    echo
-    echo "== plain local directory"
-    run_io local seq seq --mib "$MIB" "$WORK/local"
-    show_io local seq
-    run_io local fsync4k fsync4k --seconds "$SECONDS_4K" "$WORK/local"
-    show_io local fsync4k
-    if [ "$WITH_PGBENCH" = 1 ]; then
-        chmod 755 "$WORK/local"
-        pgbench_leg local "$WORK/local"
+# baseline_legs SUFFIX WHEN: the local and two-copy legs, their figures stored as places
+# local$SUFFIX and twocopy$SUFFIX.
+baseline_legs() {
+    local suffix=$1 when=$2
+    if has_leg local; then
+        echo
+        echo "== plain local directory$when"
+        run_io "local$suffix" seq seq --mib "$MIB" "$WORK/local"
+        show_io "local$suffix" seq
+        run_io "local$suffix" fsync4k fsync4k --seconds "$SECONDS_4K" "$WORK/local"
+        show_io "local$suffix" fsync4k
+        if [ "$WITH_PGBENCH" = 1 ]; then
+            chmod 755 "$WORK/local"
+            pgbench_leg "local$suffix" "$WORK/local"
+        fi
     fi
-fi
-if has_leg twocopy; then
-    echo
-    echo "== two-copy limit (two concurrent writers into two plain directories)"
-    run_io twocopy seq seq --mib "$MIB" --parallel 2 "$WORK/copy1" "$WORK/copy2"
-    show_io twocopy seq
-    run_io twocopy fsync4k fsync4k --seconds "$SECONDS_4K" --parallel 2 "$WORK/copy1" "$WORK/copy2"
-    show_io twocopy fsync4k
-fi
+    if has_leg twocopy; then
+        echo
+        echo "== two-copy limit (two concurrent writers into two plain directories)$when"
+        run_io "twocopy$suffix" seq seq --mib "$MIB" --parallel 2 "$WORK/copy1" "$WORK/copy2"
+        show_io "twocopy$suffix" seq
+        run_io "twocopy$suffix" fsync4k fsync4k --seconds "$SECONDS_4K" --parallel 2 \
+            "$WORK/copy1" "$WORK/copy2"
+        show_io "twocopy$suffix" fsync4k
+    fi
+}
+baseline_legs "" ""
 
 # ---------------------------------------------------------------------------------------------
 # 2. A no-op passthrough FUSE mount: tandem-fs in place, LocalOnly replicator.
@@ -470,6 +483,9 @@ if has_leg repl; then
     replicated_leg
     [ -z "$REPL_ERROR" ] || echo "  replicated leg NOT MEASURED: $REPL_ERROR" >&2
     lab_down
+    if [ "$BRACKET" = 1 ] && [ -z "$REPL_ERROR" ]; then
+        baseline_legs _after " again, after the replicated leg"
+    fi
 else
     REPL_ERROR="not run (--legs $LEGS)"
 fi
@@ -493,15 +509,27 @@ fig() { # fig PLACE FIELD [LABEL]: a figure or empty
 }
 calc() { awk "BEGIN { printf \"$1\", $2 }"; }
 cell() { [ -n "$1" ] && printf '%s' "$1" || printf 'n/a'; }
+# bracketed PLACE FIELD [LABEL]: the mean of the figure before and after the replicated leg
+# (the one figure when it ran once).
+bracketed() {
+    local before after
+    before=$(fig "$1" "$2" "${3:-}")
+    after=$(fig "$1_after" "$2" "${3:-}")
+    if [ -n "$before" ] && [ -n "$after" ]; then
+        calc '%.1f' "($before + $after) / 2"
+    else
+        printf '%s' "$before"
+    fi
+}
 
-SEQ_LOCAL=$(fig local mb_per_s seq) SEQ_NOOP=$(fig noop mb_per_s seq)
-SEQ_REPL=$(fig repl mb_per_s seq) SEQ_TWO=$(fig twocopy mb_per_s seq)
-IOPS_LOCAL=$(fig local iops fsync4k) IOPS_NOOP=$(fig noop iops fsync4k)
-IOPS_REPL=$(fig repl iops fsync4k) IOPS_TWO=$(fig twocopy iops fsync4k)
+SEQ_LOCAL=$(bracketed local mb_per_s seq) SEQ_NOOP=$(fig noop mb_per_s seq)
+SEQ_REPL=$(fig repl mb_per_s seq) SEQ_TWO=$(bracketed twocopy mb_per_s seq)
+IOPS_LOCAL=$(bracketed local iops fsync4k) IOPS_NOOP=$(fig noop iops fsync4k)
+IOPS_REPL=$(fig repl iops fsync4k) IOPS_TWO=$(bracketed twocopy iops fsync4k)
 lat() {
     if [ -n "${RESULTS[$1.fsync4k]:-}" ]; then echo "$(fig "$1" p50_us fsync4k)/$(fig "$1" p99_us fsync4k)"; fi
 }
-TPS_LOCAL=$(fig local tps) TPS_NOOP=$(fig noop tps) TPS_REPL=$(fig repl tps)
+TPS_LOCAL=$(bracketed local tps) TPS_NOOP=$(fig noop tps) TPS_REPL=$(fig repl tps)
 
 echo
 echo "== results (same run, same machine)"
@@ -514,6 +542,17 @@ printf '%-34s %12s %12s %12s %16s\n' "  latency p50/p99 (us)" "$(cell "$(lat loc
     "$(cell "$(lat noop)")" "$(cell "$(lat repl)")" "$(cell "$(lat twocopy)")"
 printf '%-34s %12s %12s %12s %16s\n' "pgbench -c $PG_CLIENTS (TPS)" "$(cell "$TPS_LOCAL")" \
     "$(cell "$TPS_NOOP")" "$(cell "$TPS_REPL")" "-"
+if [ -n "${RESULTS[local_after.fsync4k]:-}${RESULTS[twocopy_after.fsync4k]:-}" ]; then
+    echo "  local and two-copy: the mean of the runs before and after the replicated leg:"
+    for place in local twocopy; do
+        [ -n "${RESULTS[${place}_after.fsync4k]:-}" ] || continue
+        printf '    %-8s before/after: seq %s/%s MB/s, 4K %s/%s IOPS%s\n' "$place" \
+            "$(cell "$(fig "$place" mb_per_s seq)")" "$(cell "$(fig "${place}_after" mb_per_s seq)")" \
+            "$(cell "$(fig "$place" iops fsync4k)")" "$(cell "$(fig "${place}_after" iops fsync4k)")" \
+            "$([ "$place" = local ] && [ -n "$(fig local tps)" ] &&
+                printf ', pgbench %s/%s TPS' "$(fig local tps)" "$(cell "$(fig local_after tps)")")"
+    done
+fi
 for key in "${!NOTES[@]}"; do echo "  note: $key: ${NOTES[$key]}"; done
 echo "reference (GlusterFS replica 2, measured earlier on this machine): seq $GLUSTER_SEQ MB/s" \
     "(local $GLUSTER_SEQ_LOCAL MB/s then); 4K write+fsync $GLUSTER_IOPS IOPS;" \
