@@ -632,23 +632,29 @@ impl NetReplicator {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues a frame while replicating and sends the queue unless another thread is sending.
-    fn send(&self, frame: Vec<u8>) {
+    /// Counts `frame` and appends it to the queue (marking when the oldest lazy frame came, see
+    /// [`NetReplicator::send_lazy`]); `true` when the queue is full.
+    fn enqueue(&self, frame: Vec<u8>, lazy: bool) -> bool {
         self.inner.frames.fetch_add(1, Ordering::Relaxed);
         self.inner
             .bytes
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        let mut queue = self
+            .out
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        queue.frames.push_back(frame);
+        if lazy {
+            queue.lazy_since.get_or_insert_with(Instant::now);
+        }
+        queue.frames.len() >= self.out.capacity
+    }
+
+    /// Queues a frame while replicating and sends the queue unless another thread is sending.
+    fn send(&self, frame: Vec<u8>) {
         let large = frame.len() > INLINE_FRAME;
-        let full = {
-            let mut queue = self
-                .out
-                .queue
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            queue.frames.push_back(frame);
-            queue.frames.len() >= self.out.capacity
-        };
-        if full {
+        if self.enqueue(frame, false) {
             // The secondary (or the thread sending to it) fell behind: wait for the writer,
             // which bounds memory (the ack timeout still runs and unblocks a stuck socket by
             // shutting the connection down).
@@ -666,13 +672,19 @@ impl NetReplicator {
         }
     }
 
-    fn send_record(&self, record: &Record<'_>) {
+    /// The frame of `record`, while replicating (nothing is sent otherwise).
+    fn record_frame(&self, record: &Record<'_>) -> Option<Vec<u8>> {
         if !self.inner.replicating() {
-            return;
+            return None;
         }
-        match wire::to_frame(record) {
-            Ok(frame) => self.send(frame),
-            Err(e) => tracing::warn!(error = %e, "replication: record not encodable"),
+        wire::to_frame(record)
+            .inspect_err(|e| tracing::warn!(error = %e, "replication: record not encodable"))
+            .ok()
+    }
+
+    fn send_record(&self, record: &Record<'_>) {
+        if let Some(frame) = self.record_frame(record) {
+            self.send(frame);
         }
     }
 
@@ -681,31 +693,9 @@ impl NetReplicator {
     /// thread sends it once it waited a tick. Sending each outcome on its own would cost every
     /// operation a second message and a second wake-up of the secondary.
     fn send_lazy(&self, record: &Record<'_>) {
-        if !self.inner.replicating() {
-            return;
-        }
-        let frame = match wire::to_frame(record) {
-            Ok(frame) => frame,
-            Err(e) => {
-                tracing::warn!(error = %e, "replication: record not encodable");
-                return;
-            }
-        };
-        self.inner.frames.fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .bytes
-            .fetch_add(frame.len() as u64, Ordering::Relaxed);
-        let full = {
-            let mut queue = self
-                .out
-                .queue
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            queue.frames.push_back(frame);
-            queue.lazy_since.get_or_insert_with(Instant::now);
-            queue.frames.len() >= self.out.capacity
-        };
-        if full {
+        if let Some(frame) = self.record_frame(record)
+            && self.enqueue(frame, true)
+        {
             drain(&self.inner, &self.out, true);
         }
     }
