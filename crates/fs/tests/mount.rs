@@ -17,67 +17,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use tandem_fs::{LocalOnly, Mode, Mount, MountOptions, Op, SyncMode, Timestamp};
 
-fn set_xattr(p: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
-    let c = cstr(p);
-    let n = std::ffi::CString::new(name).unwrap();
-    // SAFETY: valid C strings and buffer.
-    let r = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-fn remove_xattr(p: &Path, name: &str) -> std::io::Result<()> {
-    let c = cstr(p);
-    let n = std::ffi::CString::new(name).unwrap();
-    // SAFETY: valid C strings.
-    let r = unsafe { libc::lremovexattr(c.as_ptr(), n.as_ptr()) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-fn fallocate(f: &File, mode: i32, off: i64, len: i64) -> std::io::Result<()> {
-    // SAFETY: valid fd.
-    let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off, len) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-fn rename2(a: &Path, b: &Path, flags: u32) -> std::io::Result<()> {
-    let (ca, cb) = (cstr(a), cstr(b));
-    // SAFETY: valid C strings.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            ca.as_ptr(),
-            libc::AT_FDCWD,
-            cb.as_ptr(),
-            flags,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 fn utimens(p: &Path, atime: (i64, i64), mtime: (i64, i64)) -> std::io::Result<()> {
     let c = cstr(p);
     let ts = [
@@ -127,9 +66,9 @@ fn populate(p: &Path) {
     symlink("dir/file.txt", p.join("rel-link")).unwrap();
     symlink("/nonexistent/target", p.join("dangling")).unwrap();
     fs::hard_link(p.join("dir/file.txt"), p.join("hard")).unwrap();
-    set_xattr(&p.join("dir/file.txt"), "user.colour", b"blue").unwrap();
-    set_xattr(&p.join("dir"), "user.dirattr", b"\x00\x01binary").unwrap();
-    set_xattr(&p.join("rel-link"), "trusted.onlink", b"x").unwrap();
+    lsetxattr(&p.join("dir/file.txt"), "user.colour", b"blue", 0).unwrap();
+    lsetxattr(&p.join("dir"), "user.dirattr", b"\x00\x01binary", 0).unwrap();
+    lsetxattr(&p.join("rel-link"), "trusted.onlink", b"x", 0).unwrap();
     mkfifo(&p.join("fifo"), 0o640).unwrap();
     let sparse = File::create(p.join("sparse")).unwrap();
     sparse.write_all_at(b"head", 0).unwrap();
@@ -599,7 +538,7 @@ fn every_mutation_goes_through_the_replicator_once() {
     }
 
     // xattrs, including a POSIX ACL
-    set_xattr(&fx.p("f"), "user.k", b"v").unwrap();
+    lsetxattr(&fx.p("f"), "user.k", b"v", 0).unwrap();
     match one("setxattr").op {
         Op::SetXattr { name, value, .. } => {
             assert_eq!((&*name, &*value), (OsStr::new("user.k"), &b"v"[..]));
@@ -612,7 +551,7 @@ fn every_mutation_goes_through_the_replicator_once() {
             .map(|v| v.as_slice()),
         Some(&b"v"[..])
     );
-    remove_xattr(&fx.p("f"), "user.k").unwrap();
+    lremovexattr(&fx.p("f"), "user.k").unwrap();
     assert!(matches!(one("removexattr").op, Op::RemoveXattr { .. }));
     // user::rw- user:1000:r-- group::r-- mask::r-- other::---
     let mut acl = 2u32.to_le_bytes().to_vec();
@@ -627,7 +566,7 @@ fn every_mutation_goes_through_the_replicator_once() {
         acl.extend_from_slice(&perm.to_le_bytes());
         acl.extend_from_slice(&id.to_le_bytes());
     }
-    set_xattr(&fx.p("f"), "system.posix_acl_access", &acl).unwrap();
+    lsetxattr(&fx.p("f"), "system.posix_acl_access", &acl, 0).unwrap();
     let acl_ops = rec.take();
     assert!(
         !acl_ops.is_empty()
@@ -733,7 +672,7 @@ fn default_acl_wins_over_umask() {
             acl.extend_from_slice(&perm.to_le_bytes());
             acl.extend_from_slice(&u32::MAX.to_le_bytes());
         }
-        set_xattr(&p.join("acl"), "system.posix_acl_default", &acl).unwrap();
+        lsetxattr(&p.join("acl"), "system.posix_acl_default", &acl, 0).unwrap();
     });
     // In a child process: the umask is process-wide and other tests may run in this one.
     let st = std::process::Command::new("/bin/sh")
@@ -799,8 +738,8 @@ fn assert_all_mutations_fail(fx: &Fixture, errno: i32) {
     // SAFETY: valid C string.
     let r = unsafe { libc::truncate(c.as_ptr(), 0) };
     assert_eq!((r, last_errno()), (-1, errno), "truncate");
-    e(set_xattr(&fx.p("a"), "user.x", b"1"), "setxattr");
-    e(remove_xattr(&fx.p("a"), "user.keep"), "removexattr");
+    e(lsetxattr(&fx.p("a"), "user.x", b"1", 0), "setxattr");
+    e(lremovexattr(&fx.p("a"), "user.keep"), "removexattr");
 }
 
 #[test]
@@ -808,7 +747,7 @@ fn secondary_is_read_only_and_sees_the_applier() {
     let rec = Arc::new(Recorder::default());
     let fx = Fixture::new(Mode::Secondary, &[], rec.clone(), |p| {
         fs::write(p.join("a"), b"version 1").unwrap();
-        set_xattr(&p.join("a"), "user.keep", b"k").unwrap();
+        lsetxattr(&p.join("a"), "user.keep", b"k", 0).unwrap();
         fs::create_dir(p.join("sub")).unwrap();
         symlink("a", p.join("link")).unwrap();
     });
@@ -1178,8 +1117,8 @@ fn fsx_random_operations_match_a_model() {
                 fallocate(
                     &f,
                     libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE,
-                    off as i64,
-                    len as i64,
+                    off,
+                    len,
                 )
                 .unwrap();
                 let end = ((off + len) as usize).min(model.len());
@@ -1190,7 +1129,7 @@ fn fsx_random_operations_match_a_model() {
             70..=74 => {
                 let off = rng.below(MAX);
                 let len = 1 + rng.below(64 * 1024);
-                match fallocate(&f, libc::FALLOC_FL_ZERO_RANGE, off as i64, len as i64) {
+                match fallocate(&f, libc::FALLOC_FL_ZERO_RANGE, off, len) {
                     Ok(()) => {
                         let end = (off + len) as usize;
                         if model.len() < end {

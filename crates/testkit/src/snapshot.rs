@@ -9,8 +9,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use tandem_fs::Exclusions;
-
 use crate::sys::cstr;
 
 /// Everything compared about one entry (`ctime` cannot be set and `atime` changes with reads:
@@ -170,7 +168,7 @@ pub struct Snapshot {
 }
 
 /// What a snapshot records.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct SnapshotOptions<'a> {
     /// Files' data/hole maps ([`Entry::extents`]; SEEK_DATA/SEEK_HOLE are not served by a FUSE
     /// mount).
@@ -180,7 +178,7 @@ pub struct SnapshotOptions<'a> {
     /// The root's own entry, as `.`.
     pub root_entry: bool,
     /// What is left out (paths relative to the root; an excluded directory with all below it).
-    pub exclude: Option<&'a Exclusions>,
+    pub exclude: Option<&'a dyn Fn(&Path) -> bool>,
 }
 
 /// The tree at `root` as `options` say.
@@ -204,7 +202,7 @@ pub fn try_snapshot(root: &Path, options: SnapshotOptions<'_>) -> io::Result<Sna
         for e in fs::read_dir(&dir)? {
             let p = e?.path();
             let rel = p.strip_prefix(root).unwrap().to_path_buf();
-            if exclude.is_some_and(|x| x.is_excluded(&rel)) {
+            if exclude.is_some_and(|excluded| excluded(&rel)) {
                 continue;
             }
             let (e, md) = read_entry(&p, with_dir_mtimes, holes)?;
@@ -234,12 +232,12 @@ pub fn try_snapshot(root: &Path, options: SnapshotOptions<'_>) -> io::Result<Sna
 /// The tree at `root` with the data/hole maps, without directory mtimes and the root's own
 /// entry; panics on errors.
 pub fn snapshot(root: &Path) -> Snapshot {
-    snapshot_with(root, false, &Exclusions::default())
+    snapshot_with(root, false, &|_| false)
 }
 
 /// A snapshot with directory mtimes when `dir_mtimes` (and the root's own entry, as `.`),
-/// without what `exclude` excludes; panics on errors.
-pub fn snapshot_with(root: &Path, dir_mtimes: bool, exclude: &Exclusions) -> Snapshot {
+/// without the paths (relative to `root`) `exclude` says are excluded; panics on errors.
+pub fn snapshot_with(root: &Path, dir_mtimes: bool, exclude: &dyn Fn(&Path) -> bool) -> Snapshot {
     let options = SnapshotOptions {
         holes: true,
         dir_mtimes,

@@ -5,12 +5,12 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use tandem_fs::{Completion, Mode, Mount, MountOptions, Mutation, Outcome, Replicator};
+pub use tandem_testkit::{cstr, fallocate, lremovexattr, lsetxattr, rename2, xattrs};
 
 /// Records every mutation (owned) and every outcome; completes at once.
 #[derive(Default)]
@@ -122,39 +122,6 @@ pub struct Entry {
     pub extents: Option<Vec<(u64, u64)>>,
 }
 
-pub fn xattrs(path: &Path) -> BTreeMap<OsString, Vec<u8>> {
-    use std::ffi::CString;
-    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
-    let mut out = BTreeMap::new();
-    let mut buf = vec![0u8; 65536];
-    // SAFETY: valid C string and buffer.
-    let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        return out;
-    }
-    for name in buf[..n as usize]
-        .split(|b| *b == 0)
-        .filter(|n| !n.is_empty())
-    {
-        let cname = CString::new(name).unwrap();
-        let mut val = vec![0u8; 65536];
-        // SAFETY: valid C strings and buffer.
-        let m = unsafe {
-            libc::lgetxattr(
-                c.as_ptr(),
-                cname.as_ptr(),
-                val.as_mut_ptr().cast(),
-                val.len(),
-            )
-        };
-        if m >= 0 {
-            val.truncate(m as usize);
-            out.insert(OsString::from(std::ffi::OsStr::from_bytes(name)), val);
-        }
-    }
-    out
-}
-
 /// Data extents of a file via SEEK_DATA/SEEK_HOLE.
 pub fn extents(path: &Path) -> io::Result<Vec<(u64, u64)>> {
     use std::os::fd::AsRawFd;
@@ -246,8 +213,4 @@ pub fn errno_of<T>(r: io::Result<T>) -> i32 {
         Ok(_) => 0,
         Err(e) => e.raw_os_error().unwrap_or(-1),
     }
-}
-
-pub fn cstr(p: &Path) -> std::ffi::CString {
-    std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap()
 }
