@@ -76,17 +76,40 @@ fn mount(dir: &Path, rep: Arc<dyn Replicator>) -> MountGuard {
     ))
 }
 
+/// A replication stream from a mount of `a` to a receiver applying to `b`, connected and running.
+struct Stream {
+    rep: Arc<NetReplicator>,
+    lost: mpsc::Receiver<Lost>,
+    receiver: Receiver,
+    guard: MountGuard,
+}
+
+fn stream(a: &Path, b: &Path, security: &Security, timeout: Duration) -> Stream {
+    let (addr, receiver) = spawn_receiver(b, security);
+    let (rep, lost) = connect(addr, security.clone(), timeout);
+    let rep = Arc::new(rep.unwrap());
+    let receiver = receiver.join().unwrap().unwrap();
+    let guard = mount(a, rep.clone());
+    Stream {
+        rep,
+        lost,
+        receiver,
+        guard,
+    }
+}
+
 fn identical_through_tcp(security: Security, default_ops: u64) {
     let seed = seed();
     let total_ops = env_u64("REPLICA_OPS").unwrap_or(default_ops);
     eprintln!("REPLICA_SEED={seed} REPLICA_OPS={total_ops} security={security:?}");
     watchdog(seed, 300);
     let (_a_dir, _b_dir, a, b) = trees();
-    let (addr, receiver) = spawn_receiver(&b, &security);
-    let (rep, lost) = connect(addr, security, Duration::from_secs(5));
-    let rep = Arc::new(rep.unwrap());
-    let mut receiver = receiver.join().unwrap().unwrap();
-    let mut guard = mount(&a, rep.clone());
+    let Stream {
+        rep,
+        lost,
+        mut receiver,
+        mut guard,
+    } = stream(&a, &b, &security, Duration::from_secs(5));
 
     let (counts, ran) = run_ops(&a, seed, total_ops, 4);
     let mount_stats = guard.0.as_ref().unwrap().stats();
@@ -466,11 +489,12 @@ fn benchmark_net_replicator_vs_local_only() {
                 } else {
                     Security::Plaintext
                 };
-                let (addr, receiver) = spawn_receiver(&b, &security);
-                let (rep, _lost) = connect(addr, security, Duration::from_secs(5));
-                let rep = Arc::new(rep.unwrap());
-                let mut receiver = receiver.join().unwrap().unwrap();
-                let mut guard = mount(&a, rep.clone());
+                let Stream {
+                    rep,
+                    lost: _lost,
+                    mut receiver,
+                    mut guard,
+                } = stream(&a, &b, &security, Duration::from_secs(5));
                 let f = measure(&a, seq_mib, iops_for);
                 guard.0.take().unwrap().unmount().unwrap();
                 let net = rep.stats();
@@ -532,11 +556,12 @@ fn a_failure_of_the_secondary_alone_loses_it_and_the_call_succeeds() {
     // Only on the secondary: the primary's mkdir succeeds, the secondary's fails (EEXIST).
     fs::write(b.join("only-here"), b"x").unwrap();
     let security = noise("s");
-    let (addr, receiver) = spawn_receiver(&b, &security);
-    let (rep, lost) = connect(addr, security, Duration::from_secs(5));
-    let rep = Arc::new(rep.unwrap());
-    let mut receiver = receiver.join().unwrap().unwrap();
-    let mut guard = mount(&a, rep.clone());
+    let Stream {
+        rep,
+        lost,
+        mut receiver,
+        mut guard,
+    } = stream(&a, &b, &security, Duration::from_secs(5));
     let mkdir = {
         let path = a.join("only-here");
         let (tx, rx) = mpsc::channel();
@@ -581,11 +606,12 @@ fn the_same_failure_on_both_nodes_is_the_applications_error_and_replication_goes
         fs::write(root.join("full/f"), b"x").unwrap();
     }
     let security = Security::Plaintext;
-    let (addr, receiver) = spawn_receiver(&b, &security);
-    let (rep, lost) = connect(addr, security, Duration::from_secs(5));
-    let rep = Arc::new(rep.unwrap());
-    let mut receiver = receiver.join().unwrap().unwrap();
-    let mut guard = mount(&a, rep.clone());
+    let Stream {
+        rep,
+        lost,
+        mut receiver,
+        mut guard,
+    } = stream(&a, &b, &security, Duration::from_secs(5));
     let err = fs::remove_dir(a.join("full")).expect_err("not empty");
     assert_eq!(err.raw_os_error(), Some(libc::ENOTEMPTY), "{err}");
     // Replication goes on.
@@ -610,11 +636,12 @@ fn the_same_failure_on_both_nodes_is_the_applications_error_and_replication_goes
 fn large_writes_are_written_ahead_and_identical() {
     for security in [noise("ahead"), Security::Plaintext] {
         let (_a_dir, _b_dir, a, b) = trees();
-        let (addr, receiver) = spawn_receiver(&b, &security);
-        let (rep, lost) = connect(addr, security.clone(), Duration::from_secs(5));
-        let rep = Arc::new(rep.unwrap());
-        let mut receiver = receiver.join().unwrap().unwrap();
-        let mut guard = mount(&a, rep.clone());
+        let Stream {
+            rep,
+            lost,
+            mut receiver,
+            mut guard,
+        } = stream(&a, &b, &security, Duration::from_secs(5));
 
         let mib = 1usize << 20;
         let storage: Vec<u8> = (0..4 * mib + 8192)
