@@ -26,6 +26,7 @@ use crate::mutation::{
 };
 use crate::replicator::{Completion, RemoteDone, ReplicationError, Replicator};
 use crate::sys::{self, DirEnt, XattrPath};
+use crate::writeback;
 use crate::{Mode, Negotiated, Stats, lock, read, write};
 
 /// Attribute and entry time-to-live on the primary: every change goes through this mount, so the
@@ -1289,6 +1290,11 @@ impl Filesystem for Fs {
                 })
             },
         );
+        // Flush-behind, once the local apply is done: while the secondary's acknowledgement is
+        // on its way, or after the reply when this thread sent it (no peer, or it was faster).
+        if sync == SyncMode::None && h.inode.syncs.recently_synced() {
+            writeback::start_writeback(h.file.as_fd(), offset, data.len() as u64);
+        }
     }
 
     fn flush(
@@ -1841,6 +1847,7 @@ fn fsync_common(
             } else {
                 rustix::fs::fsync(fd).map_err(rerr)?;
             }
+            inode.syncs.synced();
             Ok(Applied {
                 value: (),
                 attr: None,

@@ -26,6 +26,7 @@ use rustix::fs::Stat;
 use crate::lock;
 use crate::mutation::FileId;
 use crate::sys;
+use crate::writeback::SyncHistory;
 
 /// FUSE's node id of the root.
 pub(crate) const ROOT: u64 = 1;
@@ -62,6 +63,8 @@ pub(crate) struct Inode {
     /// Whether the last known path of the inode was excluded from replication (used when the
     /// path is no longer known, e.g. unlinked while open).
     pub(crate) excluded: AtomicBool,
+    /// When the file was last synced through the mount (flush-behind, see [`crate::writeback`]).
+    pub(crate) syncs: SyncHistory,
 }
 
 struct Entry {
@@ -98,6 +101,7 @@ impl InodeTable {
             order: Mutex::new(()),
             open: Mutex::new(OpenState::default()),
             excluded: AtomicBool::new(false),
+            syncs: SyncHistory::new(),
         });
         let mut tables = Tables::default();
         tables.by_id.insert(root.id, ROOT);
@@ -174,6 +178,7 @@ impl InodeTable {
             order: Mutex::new(()),
             open: Mutex::new(OpenState::default()),
             excluded: AtomicBool::new(false),
+            syncs: SyncHistory::new(),
         });
         t.by_id.insert(id, nodeid);
         t.by_node.insert(

@@ -121,6 +121,7 @@ mod mutation;
 mod replicator;
 mod sys;
 mod watchdog;
+pub mod writeback;
 
 use std::ffi::{CString, OsStr};
 use std::io;

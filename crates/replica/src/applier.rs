@@ -41,6 +41,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use rustix::fs::{AtFlags, FallocateFlags, Mode, OFlags, RenameFlags};
+use tandem_fs::writeback::{self, SyncHistory};
 use tandem_fs::{EntryRef, FileId, Mutation, NodeRef, Op, Outcome, Owner, SyncMode};
 
 use crate::sys::{self, XattrPath};
@@ -83,6 +84,8 @@ struct Node {
     file: Mutex<Option<Arc<OwnedFd>>>,
     /// Highest `seq` whose primary times were copied to this inode.
     times_seq: AtomicU64,
+    /// When the file was last synced here (flush-behind, see [`tandem_fs::writeback`]).
+    syncs: SyncHistory,
 }
 
 impl Node {
@@ -93,6 +96,7 @@ impl Node {
             kind: st.st_mode & libc::S_IFMT,
             file: Mutex::new(None),
             times_seq: AtomicU64::new(0),
+            syncs: SyncHistory::new(),
         }))
     }
 
@@ -141,7 +145,19 @@ pub struct Applier {
     root: OwnedFd,
     table: Mutex<HashMap<FileId, Arc<Node>>>,
     pending: Mutex<BTreeMap<u64, Pending>>,
+    /// Writes to recently synced files whose writeback [`Applier::start_writebacks`] starts.
+    behind: Mutex<Vec<Behind>>,
 }
+
+/// A range of a file to write back early (see [`tandem_fs::writeback`]).
+struct Behind {
+    file: Arc<OwnedFd>,
+    offset: u64,
+    len: u64,
+}
+
+/// Writes kept for [`Applier::start_writebacks`] at most (a hint: more are dropped).
+const MAX_BEHIND: usize = 1024;
 
 impl std::fmt::Debug for Applier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -165,6 +181,7 @@ impl Applier {
             root,
             table: Mutex::new(HashMap::new()),
             pending: Mutex::new(BTreeMap::new()),
+            behind: Mutex::new(Vec::new()),
         }
     }
 
@@ -299,6 +316,17 @@ impl Applier {
         Ok(())
     }
 
+    /// Starts the writeback of the writes applied since the last call to files synced recently
+    /// (flush-behind, see [`tandem_fs::writeback`]): their `fsync` is likely on its way. Call it
+    /// after acknowledging them (it costs the time to queue the I/O). Returns how many ranges.
+    pub fn start_writebacks(&self) -> usize {
+        let behind = std::mem::take(&mut *lock(&self.behind));
+        for b in &behind {
+            writeback::start_writeback(b.file.as_fd(), b.offset, b.len);
+        }
+        behind.len()
+    }
+
     /// The primary no longer names the inode `id`: drops its handle.
     pub fn forget(&self, id: FileId) {
         lock(&self.table).remove(&id);
@@ -383,7 +411,18 @@ impl Applier {
                     }
                 }
                 match sync {
-                    SyncMode::None => {}
+                    SyncMode::None => {
+                        if n.syncs.recently_synced() {
+                            let mut behind = lock(&self.behind);
+                            if behind.len() < MAX_BEHIND {
+                                behind.push(Behind {
+                                    file: f.clone(),
+                                    offset: *offset,
+                                    len: written as u64,
+                                });
+                            }
+                        }
+                    }
                     SyncMode::Data => rustix::fs::fdatasync(&*f).map_err(sys::rerr)?,
                     SyncMode::Full => rustix::fs::fsync(&*f).map_err(sys::rerr)?,
                 }
@@ -571,10 +610,12 @@ impl Applier {
                     libc::S_IFREG => {
                         let f = n.file()?;
                         if *datasync {
-                            rustix::fs::fdatasync(&*f).map_err(sys::rerr)
+                            rustix::fs::fdatasync(&*f).map_err(sys::rerr)?;
                         } else {
-                            rustix::fs::fsync(&*f).map_err(sys::rerr)
+                            rustix::fs::fsync(&*f).map_err(sys::rerr)?;
                         }
+                        n.syncs.synced();
+                        Ok(())
                     }
                     libc::S_IFDIR => {
                         // A directory's entries and the files renamed or created in it may

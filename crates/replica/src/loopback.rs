@@ -84,6 +84,7 @@ impl LoopbackReplicator {
         let (tx, rx) = mpsc::channel();
         let worker = Worker {
             sequencer: Sequencer::new(shared.clone()),
+            target: shared.clone(),
             flushes: Vec::new(),
         };
         let handle = std::thread::Builder::new()
@@ -206,6 +207,7 @@ impl Replicator for LoopbackReplicator {
 
 struct Worker {
     sequencer: Sequencer<Completion>,
+    target: Arc<Target>,
     flushes: Vec<mpsc::Sender<()>>,
 }
 
@@ -226,6 +228,7 @@ impl Worker {
             };
             if let Some(input) = input {
                 self.sequencer.push(input, &mut done);
+                self.target.applier.start_writebacks();
             }
             if !self.flushes.is_empty() && self.sequencer.idle() {
                 for f in self.flushes.drain(..) {

@@ -38,6 +38,8 @@ pub struct ReceiverStats {
     pub written_ahead: u64,
     /// Divergences found.
     pub divergences: u64,
+    /// Writes to recently synced files whose writeback started at once (flush-behind).
+    pub flushed_behind: u64,
 }
 
 /// How a connection ended.
@@ -148,6 +150,7 @@ impl Receiver {
             forgets: c.forgets.load(Ordering::Relaxed),
             written_ahead: c.written_ahead.load(Ordering::Relaxed),
             divergences: self.target.divergence_count(),
+            flushed_behind: c.flushed_behind.load(Ordering::Relaxed),
         }
     }
 
@@ -288,8 +291,16 @@ fn serve_loop(
     let mut broken = false;
     let mut ahead: Option<Ahead> = None;
     let error = loop {
-        if !input.buffered() && !broken && out.flush().is_err() {
-            broken = true;
+        if !input.buffered() {
+            if !broken && out.flush().is_err() {
+                broken = true;
+            }
+            // After the acknowledgements left: queuing the I/O takes time.
+            let started = target.applier.start_writebacks();
+            target
+                .counters
+                .flushed_behind
+                .fetch_add(started as u64, Ordering::Relaxed);
         }
         let next = input.next_with(&mut |view| write_ahead(view, &sequencer, target, &mut ahead));
         let frame = match next {

@@ -42,6 +42,7 @@ pub(crate) struct Counters {
     pub(crate) bytes: AtomicU64,
     pub(crate) forgets: AtomicU64,
     pub(crate) written_ahead: AtomicU64,
+    pub(crate) flushed_behind: AtomicU64,
 }
 
 /// The applier and what applying produced, shared with the handle of the owner.

@@ -684,3 +684,59 @@ fn large_writes_are_written_ahead_and_identical() {
         assert!(primary == secondary, "{security:?}: the copies differ");
     }
 }
+
+/// Flush-behind on both nodes: a write to a file that was never synced stays in the page cache
+/// (the kernel's delayed writeback), a write to a file synced recently is written back at once,
+/// on the primary and on the secondary, without waiting for its `fsync`.
+#[test]
+fn writes_to_recently_synced_files_are_written_back_at_once_on_both_nodes() {
+    use tandem_testkit::sys::{cachestat, wait_written_back};
+    let (_a_dir, _b_dir, a, b) = trees();
+    for dir in [&a, &b] {
+        fs::write(dir.join("log"), b"").unwrap();
+    }
+    // The backing files, opened before the mount hides the primary's.
+    let backing = [
+        File::open(a.join("log")).unwrap(),
+        File::open(b.join("log")).unwrap(),
+    ];
+    let Stream {
+        rep,
+        lost,
+        mut receiver,
+        mut guard,
+    } = stream(&a, &b, &noise("behind"), Duration::from_secs(5));
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(a.join("log"))
+        .unwrap();
+    let chunk = vec![5u8; 256 << 10];
+
+    f.write_all_at(&chunk, 0).unwrap();
+    for (node, b) in ["primary", "secondary"].iter().zip(&backing) {
+        assert!(
+            cachestat(b).unwrap().dirty > 0,
+            "{node}: a file never synced keeps the kernel's writeback"
+        );
+    }
+    assert_eq!(receiver.stats().flushed_behind, 0);
+
+    f.sync_data().unwrap();
+    f.write_all_at(&chunk, 256 << 10).unwrap();
+    for (node, b) in ["primary", "secondary"].iter().zip(&backing) {
+        assert!(
+            wait_written_back(b, Duration::from_secs(20)).unwrap(),
+            "{node}: the write after a sync is written back without waiting for the next sync"
+        );
+    }
+    assert_eq!(receiver.stats().flushed_behind, 1);
+
+    drop(f);
+    guard.0.take().unwrap().unmount().unwrap();
+    rep.close();
+    let report = receiver.wait();
+    assert!(lost.try_recv().is_err());
+    assert_eq!(report.error, None);
+    assert!(receiver.divergences().is_empty());
+    assert_eq!(fs::read(b.join("log")).unwrap().len(), 512 << 10);
+}

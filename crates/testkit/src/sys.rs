@@ -110,3 +110,63 @@ pub fn open_regular(p: &Path, extra: i32) -> io::Result<File> {
         Err(io::Error::other("not a regular file"))
     }
 }
+
+/// Page-cache counts of a file, from `cachestat(2)` (Linux 6.5).
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+pub struct CacheStat {
+    /// Pages in the page cache.
+    pub cache: u64,
+    /// Of those, dirty (not written back yet).
+    pub dirty: u64,
+    /// Of those, under writeback.
+    pub writeback: u64,
+    /// Evicted pages.
+    pub evicted: u64,
+    /// Recently evicted pages.
+    pub recently_evicted: u64,
+}
+
+/// `cachestat(2)` of the whole of `f`.
+pub fn cachestat(f: &File) -> io::Result<CacheStat> {
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    /// The syscall number on every architecture (the unified table); not in `libc` for all.
+    const SYS_CACHESTAT: libc::c_long = 451;
+    let range = Range { off: 0, len: 0 };
+    let mut st = CacheStat::default();
+    // SAFETY: both pointers are valid for the duration of the call; the kernel writes only `st`,
+    // whose layout is `struct cachestat`.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            f.as_raw_fd(),
+            &range as *const Range,
+            &mut st as *mut CacheStat,
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+/// Waits until no page of `f` is dirty or under writeback (polls, up to `timeout`); returns
+/// whether that happened.
+pub fn wait_written_back(f: &File, timeout: std::time::Duration) -> io::Result<bool> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let st = cachestat(f)?;
+        if st.dirty == 0 && st.writeback == 0 {
+            return Ok(true);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
