@@ -38,12 +38,13 @@ use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use rustix::fs::{AtFlags, FallocateFlags, Mode, OFlags, RenameFlags};
 use tandem_fs::writeback::{self, SyncHistory};
 use tandem_fs::{EntryRef, FileId, Mutation, NodeRef, Op, Outcome, Owner, SyncMode};
 
+use crate::lock;
 use crate::sys::{self, XattrPath};
 
 /// Mutations kept waiting for the primary's outcome at most (the oldest are dropped beyond it:
@@ -167,10 +168,6 @@ impl std::fmt::Debug for Applier {
             .field("pending", &lock(&self.pending).len())
             .finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Applier {

@@ -39,3 +39,9 @@ pub use net_replicator::{
 pub use receiver::{Receiver, ReceiverReport, ReceiverStats};
 pub use transport::{Connection, MAGIC, Security, TransportError};
 pub use wire::{Record, WireError};
+
+/// Locks `m`, taking over a lock poisoned by a panicking thread: every critical section of this
+/// crate leaves its data consistent at each step (entries moved between maps, counters, queues).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

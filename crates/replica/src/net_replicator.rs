@@ -67,6 +67,7 @@ use std::time::{Duration, Instant};
 
 use tandem_fs::{Completion, FileId, Mutation, NodeRef, Op, Outcome, ReplicationError, Replicator};
 
+use crate::lock;
 use crate::transport::{Connection, FrameReader, FrameWriter, Security, TransportError};
 use crate::wire::{self, Record};
 
@@ -229,7 +230,7 @@ struct Inner {
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         // Critical sections only move entries between maps: a poisoned lock is still consistent.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state)
     }
 
     fn replicating(&self) -> bool {
@@ -507,7 +508,7 @@ impl NetReplicator {
 
     /// The sending rate, updated when a second or more passed since the last update.
     fn rate(&self, bytes: u64) -> u64 {
-        let mut r = self.rate.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut r = lock(&self.rate);
         let elapsed = r.since.elapsed();
         if elapsed >= Duration::from_secs(1) {
             let sent = bytes.saturating_sub(r.bytes) as f64;
@@ -597,19 +598,11 @@ impl NetReplicator {
     pub fn close(&self) {
         self.inner.closing.store(true, Ordering::Relaxed);
         {
-            let mut signal = self
-                .out
-                .signal
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut signal = lock(&self.out.signal);
             signal.stop = true;
             self.out.wake.notify_all();
         }
-        let writer = self
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let writer = lock(&self.writer).take();
         if let Some(w) = writer {
             let _ = w.join();
         }
@@ -626,10 +619,7 @@ impl NetReplicator {
 
     fn sender(&self) -> MutexGuard<'_, Sender> {
         // A panic while sending leaves the writer as it was: still usable (or failed).
-        self.out
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        lock(&self.out.writer)
     }
 
     /// Counts `frame` and appends it to the queue (marking when the oldest lazy frame came, see
@@ -639,11 +629,7 @@ impl NetReplicator {
         self.inner
             .bytes
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
-        let mut queue = self
-            .out
-            .queue
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut queue = lock(&self.out.queue);
         queue.frames.push_back(frame);
         if lazy {
             queue.lazy_since.get_or_insert_with(Instant::now);
@@ -660,11 +646,7 @@ impl NetReplicator {
             // shutting the connection down).
             drain(&self.inner, &self.out, true);
         } else if large {
-            let mut signal = self
-                .out
-                .signal
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut signal = lock(&self.out.signal);
             signal.pending = true;
             self.out.wake.notify_one();
         } else {
@@ -728,11 +710,7 @@ impl Drop for NetReplicator {
     fn drop(&mut self) {
         self.close();
         let _ = self.inner.stream.shutdown(Shutdown::Both);
-        let reader = self
-            .reader
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let reader = lock(&self.reader).take();
         if let Some(r) = reader {
             let _ = r.join();
         }
@@ -827,7 +805,7 @@ impl Replicator for NetReplicator {
 fn drain(inner: &Inner, out: &Out, mut wait: bool) {
     loop {
         let sender = if wait {
-            Some(out.writer.lock().unwrap_or_else(PoisonError::into_inner))
+            Some(lock(&out.writer))
         } else {
             match out.writer.try_lock() {
                 Ok(s) => Some(s),
@@ -838,7 +816,7 @@ fn drain(inner: &Inner, out: &Out, mut wait: bool) {
         let Some(mut sender) = sender else { return };
         loop {
             let batch: Vec<Vec<u8>> = {
-                let mut queue = out.queue.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut queue = lock(&out.queue);
                 queue.lazy_since = None;
                 queue.frames.drain(..).collect()
             };
@@ -867,13 +845,7 @@ fn drain(inner: &Inner, out: &Out, mut wait: bool) {
             inner.lose(format!("write to the secondary failed: {e}"));
         }
         drop(sender);
-        if out
-            .queue
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .frames
-            .is_empty()
-        {
+        if lock(&out.queue).frames.is_empty() {
             return;
         }
         wait = false;
@@ -884,7 +856,7 @@ fn drain(inner: &Inner, out: &Out, mut wait: bool) {
 fn write_loop(inner: &Inner, out: &Out) {
     loop {
         {
-            let mut signal = out.signal.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut signal = lock(&out.signal);
             while !signal.pending && !signal.stop {
                 signal = out
                     .wake
@@ -923,11 +895,7 @@ fn read_loop(inner: &Inner, out: &Out, mut input: FrameReader) {
         if !inner.replicating() {
             return;
         }
-        let lazy_since = out
-            .queue
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .lazy_since;
+        let lazy_since = lock(&out.queue).lazy_since;
         if lazy_since.is_some_and(|since| since.elapsed() >= inner.tick) {
             drain(inner, out, false);
         }

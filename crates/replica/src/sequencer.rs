@@ -17,11 +17,12 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use tandem_fs::{FileId, Outcome, ReplicationError};
 
 use crate::applier::{Applier, Divergence};
+use crate::lock;
 use crate::wire::{self, Record};
 
 /// One record of the stream, as the sequencer receives it.
@@ -65,10 +66,7 @@ impl Target {
     }
 
     pub(crate) fn divergences(&self) -> Vec<Divergence> {
-        self.divergences
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        lock(&self.divergences).clone()
     }
 
     /// Whether a divergence was found.
@@ -77,10 +75,7 @@ impl Target {
     }
 
     pub(crate) fn divergence_count(&self) -> u64 {
-        self.divergences
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len() as u64
+        lock(&self.divergences).len() as u64
     }
 }
 
@@ -298,11 +293,7 @@ impl<D> Sequencer<D> {
     fn outcome(&self, seq: u64, outcome: &Outcome) {
         if let Err(d) = self.target.applier.apply_outcome(seq, outcome) {
             tracing::warn!(divergence = %d, "replication: replicas diverge");
-            self.target
-                .divergences
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(d);
+            lock(&self.target.divergences).push(d);
             self.target.diverged.store(true, Ordering::Release);
         }
     }
