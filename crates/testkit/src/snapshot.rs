@@ -93,12 +93,9 @@ pub fn extents(f: &File, size: u64) -> Vec<(u64, u64)> {
     out
 }
 
-/// The entry at `path` (not following a symlink) and its metadata: with a directory's mtime
-/// when `dir_mtime`, with a file's data/hole map when `holes`.
-fn read_entry(path: &Path, dir_mtime: bool, holes: bool) -> io::Result<(Entry, fs::Metadata)> {
-    let md = fs::symlink_metadata(path)?;
-    let ft = md.file_type();
-    let kind = if ft.is_dir() {
+/// The name of a file type, as [`Entry::kind`] holds it.
+pub fn kind_name(ft: fs::FileType) -> &'static str {
+    if ft.is_dir() {
         "dir"
     } else if ft.is_symlink() {
         "symlink"
@@ -112,7 +109,15 @@ fn read_entry(path: &Path, dir_mtime: bool, holes: bool) -> io::Result<(Entry, f
         "chr"
     } else {
         "blk"
-    };
+    }
+}
+
+/// The entry at `path` (not following a symlink) and its metadata: with a directory's mtime
+/// when `dir_mtime`, with a file's data/hole map when `holes`.
+fn read_entry(path: &Path, dir_mtime: bool, holes: bool) -> io::Result<(Entry, fs::Metadata)> {
+    let md = fs::symlink_metadata(path)?;
+    let ft = md.file_type();
+    let kind = kind_name(ft);
     let (extents, content) = if ft.is_file() {
         let mut f = File::open(path)?;
         // Holes first: reading could change how unwritten extents are reported.

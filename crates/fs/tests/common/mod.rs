@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -124,45 +124,16 @@ pub struct Entry {
 
 /// Data extents of a file via SEEK_DATA/SEEK_HOLE.
 pub fn extents(path: &Path) -> io::Result<Vec<(u64, u64)>> {
-    use std::os::fd::AsRawFd;
     let f = fs::File::open(path)?;
     let size = f.metadata()?.len();
-    let mut out = Vec::new();
-    let mut pos: i64 = 0;
-    while (pos as u64) < size {
-        // SAFETY: valid fd.
-        let data = unsafe { libc::lseek(f.as_raw_fd(), pos, libc::SEEK_DATA) };
-        if data < 0 {
-            break;
-        }
-        // SAFETY: valid fd.
-        let hole = unsafe { libc::lseek(f.as_raw_fd(), data, libc::SEEK_HOLE) };
-        out.push((data as u64, hole as u64));
-        pos = hole;
-    }
-    Ok(out)
+    Ok(tandem_testkit::extents(&f, size))
 }
 
 pub fn entry(path: &Path) -> Entry {
     let md = fs::symlink_metadata(path).unwrap();
     let ft = md.file_type();
-    let kind = if ft.is_dir() {
-        "dir"
-    } else if ft.is_symlink() {
-        "symlink"
-    } else if ft.is_file() {
-        "file"
-    } else if ft.is_fifo() {
-        "fifo"
-    } else if ft.is_socket() {
-        "socket"
-    } else if ft.is_char_device() {
-        "chr"
-    } else {
-        "blk"
-    };
     Entry {
-        kind,
+        kind: tandem_testkit::kind_name(ft),
         mode: md.mode(),
         uid: md.uid(),
         gid: md.gid(),
