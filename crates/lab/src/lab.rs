@@ -15,6 +15,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::alloc;
+use crate::mountpoints;
 use crate::sys;
 use crate::wait_until;
 
@@ -40,8 +41,16 @@ const NFT_TABLE: &str = "tandemlab";
 /// How long teardown waits for killed processes to disappear.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 
-/// How long `spawn` waits for nsenter to enter the namespaces and exec the program.
+/// How long `create` waits for a host's init to be ready.
 const SPAWN_WAIT: Duration = Duration::from_secs(5);
+
+/// The init of every host (`sh -c INIT_SCRIPT init PID_BASE READY_FILE`), PID 1 of the
+/// host's PID namespace: mounts the host's /proc (what `ps` and `kill` see inside), sets
+/// where the host's PIDs start, says it is ready, then reaps orphans for ever (the shell's
+/// `wait` reaps every child, not only its jobs) while it waits for a sleep that never ends.
+const INIT_SCRIPT: &str = "mount -t proc -o nosuid,nodev,noexec proc /proc \
+    && echo \"$1\" > /proc/sys/kernel/ns_last_pid && : > \"$2\" || exit 1
+    while :; do sleep infinity & wait; done";
 
 /// How long `create` waits for the first host to reach all others.
 const READY_WAIT: Duration = Duration::from_secs(15);
@@ -171,6 +180,16 @@ pub struct Host {
     pub netns_path: PathBuf,
     /// Bind-mounted mount namespace file, `<lab dir>/<host>.mnt`.
     pub mount_ns: PathBuf,
+    /// Bind-mounted PID namespace file, `<lab dir>/<host>.pidns`: the host's processes see
+    /// only each other, under the host's init (PID 1).
+    #[serde(default)]
+    pub pid_ns: PathBuf,
+    /// Bind-mounted IPC namespace file, `<lab dir>/<host>.ipc` (System V and POSIX IPC).
+    #[serde(default)]
+    pub ipc_ns: PathBuf,
+    /// Bind-mounted UTS namespace file, `<lab dir>/<host>.uts` (host name = [`Host::name`]).
+    #[serde(default)]
+    pub uts_ns: PathBuf,
     /// IPv4 address (prefix length [`PREFIX_LEN`]).
     pub addr: Ipv4Addr,
     /// IPv6 address (prefix length [`PREFIX_LEN_V6`]) if the lab has IPv6.
@@ -200,6 +219,36 @@ pub struct Spawned {
     pub log: PathBuf,
 }
 
+impl Host {
+    /// The host's namespace files with their `nsenter` option, those of this lab version
+    /// only (a state file of an older one has no PID, IPC and UTS namespaces).
+    fn ns_files(&self) -> impl Iterator<Item = (&'static str, &Path)> {
+        [
+            ("--net=", self.netns_path.as_path()),
+            ("--mount=", self.mount_ns.as_path()),
+            ("--pid=", self.pid_ns.as_path()),
+            ("--ipc=", self.ipc_ns.as_path()),
+            ("--uts=", self.uts_ns.as_path()),
+        ]
+        .into_iter()
+        .filter(|(_, p)| !p.as_os_str().is_empty())
+    }
+
+    /// Every namespace of the host, for [`sys::in_namespaces`].
+    fn namespaces(&self) -> sys::Namespaces<'_> {
+        fn some(p: &Path) -> Option<&Path> {
+            (!p.as_os_str().is_empty()).then_some(p)
+        }
+        sys::Namespaces {
+            net: Some(&self.netns_path),
+            mnt: Some(&self.mount_ns),
+            pid: some(&self.pid_ns),
+            ipc: some(&self.ipc_ns),
+            uts: some(&self.uts_ns),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Layout {
     name: String,
@@ -223,6 +272,9 @@ struct Runtime {
     cuts: BTreeSet<(String, String)>,
     /// Set by `keep`.
     kept: bool,
+    /// Each host's init (PID 1 of its PID namespace), in host order.
+    #[serde(default)]
+    inits: Vec<Spawned>,
 }
 
 #[derive(Serialize)]
@@ -361,15 +413,16 @@ fn teardown(
         errors.push(e);
     }
 
-    // 2. Mount namespaces (their binds and sysfs go with them).
-    for h in &layout.hosts {
-        match sys::umount(&h.mount_ns, false) {
+    // 2. Namespace files: mount namespaces (their binds and sysfs go with them), PID,
+    //    IPC and UTS namespaces (whose inits died in step 1).
+    for (_, file) in layout.hosts.iter().flat_map(|h| h.ns_files().skip(1)) {
+        match sys::umount(file, false) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {} // not mounted
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
-                if let Err(e2) = sys::umount(&h.mount_ns, true) {
-                    errors.push(format!("umount {}: {e} / {e2}", h.mount_ns.display()));
+                if let Err(e2) = sys::umount(file, true) {
+                    errors.push(format!("umount {}: {e} / {e2}", file.display()));
                 }
             }
         }
@@ -400,20 +453,13 @@ fn teardown(
         errors.push(format!("{e:#}"));
     }
 
-    // 4. Mount-point directories created by `bind`, deepest first, only if empty.
-    let mut dirs = runtime.created_dirs.clone();
-    dirs.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    dirs.dedup();
-    for d in dirs {
-        match fs::remove_dir(&d) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => {
-                eprintln!("tandem-lab: leaving {} (not empty)", d.display());
-            }
-            Err(e) => errors.push(format!("removing {}: {e}", d.display())),
-        }
-    }
+    // 4. Mount-point directories created by `bind`, unless another lab still uses them.
+    errors.extend(mountpoints::release(
+        root,
+        &layout.name,
+        &runtime.created_dirs,
+        || bind_targets_of_other_labs(root, &layout.name),
+    ));
 
     // 5. The lab directory (host dirs, mount namespace files, state), then the lock.
     if let Err(e) = remove_lab_dir(&layout.dir) {
@@ -433,7 +479,7 @@ fn kill_everything(
     let own = sys::own_ns_ids();
     let mut ids = Vec::new();
     for h in &layout.hosts {
-        for p in [&h.netns_path, &h.mount_ns] {
+        for (_, p) in h.ns_files() {
             if let Some(id) = sys::ns_id(p) {
                 if own.contains(&id) {
                     eprintln!(
@@ -449,11 +495,17 @@ fn kill_everything(
     let deadline = Instant::now() + KILL_WAIT;
     loop {
         children.retain(|_, c| matches!(c.try_wait(), Ok(None)));
+        for s in runtime.spawned.iter().chain(&runtime.inits) {
+            if !children.contains_key(&s.pid) {
+                sys::reap_if_zombie_child(s.pid, s.start);
+            }
+        }
         let mut targets = sys::pids_in_namespaces(&ids);
         targets.extend(
             runtime
                 .spawned
                 .iter()
+                .chain(&runtime.inits)
                 .filter(|s| sys::is_live(s.pid, s.start))
                 .map(|s| s.pid),
         );
@@ -469,6 +521,20 @@ fn kill_everything(
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// The bind targets recorded by every lab but `name` (live or left over).
+fn bind_targets_of_other_labs(root: &Path, name: &str) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(root) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|other| other != name && other != "locks")
+        .filter_map(|other| load_state(root, &other).ok())
+        .flat_map(|(_, runtime)| runtime.binds.into_iter().map(|(_, _, target)| target))
+        .collect()
 }
 
 fn nft_table_script() -> String {
@@ -522,6 +588,9 @@ impl Lab {
                     netns_path: Path::new("/run/netns").join(&netns),
                     netns,
                     mount_ns: dir.join(format!("{h}.mnt")),
+                    pid_ns: dir.join(format!("{h}.pidns")),
+                    ipc_ns: dir.join(format!("{h}.ipc")),
+                    uts_ns: dir.join(format!("{h}.uts")),
                     addr: Ipv4Addr::new(subnet[0], subnet[1], subnet[2], num),
                     addr6: spec.ipv6.then(|| {
                         Ipv6Addr::new(0xfd77, u16::from(index), 0, 0, 0, 0, 0, u16::from(num))
@@ -584,7 +653,11 @@ impl Lab {
         sys::disable_ipv6(&l.bridge)?;
         sys::ip(&["link", "set", &l.bridge, "up"])?;
 
-        for h in &l.hosts {
+        // Each host numbers its processes from its own base, as two machines whose PIDs do
+        // not coincide: a PID one host wrote to a shared file (a `postmaster.pid` in a
+        // replicated directory) is not a live process of another.
+        let pid_base = sys::pid_max() / (l.hosts.len() as u32 + 1);
+        for (i, h) in (0u32..).zip(&l.hosts) {
             sys::ip(&["netns", "add", &h.netns])?;
             sys::ip(&[
                 "link",
@@ -627,7 +700,12 @@ impl Lab {
                 "private",
                 "true",
             ]))?;
-            sys::in_namespaces(Some(&h.netns_path), Some(&h.mount_ns), || -> Result<()> {
+            let net_mnt = sys::Namespaces {
+                net: Some(&h.netns_path),
+                mnt: Some(&h.mount_ns),
+                ..sys::Namespaces::default()
+            };
+            sys::in_namespaces(net_mnt, || -> Result<()> {
                 // Other labs' namespace files (copied with the mount table) would keep those
                 // namespaces alive after their `ip netns del`: drop them from our view.
                 match sys::umount(Path::new("/run/netns"), true) {
@@ -638,6 +716,7 @@ impl Lab {
                 }
                 sys::mount_sysfs().context("mounting sysfs on /sys inside")
             })??;
+            self.start_init(h, pid_base * (i + 1))?;
         }
 
         // Ready when the first host reaches every other one.
@@ -649,6 +728,70 @@ impl Lab {
                 })
                 .with_context(|| format!("{} cannot reach {} ({})", first.name, h.name, h.addr))?;
             }
+        }
+        Ok(())
+    }
+
+    /// Starts `h`'s init: PID 1 of new PID, IPC and UTS namespaces (host name `h.name`)
+    /// inside the host's network and mount namespaces. It mounts the host's own /proc,
+    /// makes the host's PIDs start after `pid_base`, and reaps the orphans of the host
+    /// until teardown kills it (and with it every process of the host). The namespaces
+    /// are then kept as files beside the mount namespace's.
+    fn start_init(&self, h: &Host, pid_base: u32) -> Result<()> {
+        let ready = h.dir.join(".init-ready");
+        let log = h.dir.join(".init.log");
+        let out = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let net_mnt = sys::Namespaces {
+            net: Some(&h.netns_path),
+            mnt: Some(&h.mount_ns),
+            ..sys::Namespaces::default()
+        };
+        let (name, marker) = (h.name.clone(), ready.clone());
+        let child = sys::in_namespaces(net_mnt, move || -> io::Result<Child> {
+            sys::unshare_machine(&name)?;
+            Command::new("/bin/sh")
+                .args(["-c", INIT_SCRIPT, "init"])
+                .arg(pid_base.to_string())
+                .arg(marker)
+                .stdin(Stdio::null())
+                .stdout(out)
+                .stderr(err)
+                .process_group(0)
+                .spawn()
+        })?
+        .with_context(|| format!("starting the init of `{}`", h.name))?;
+        let pid = child.id();
+        let start = sys::proc_stat(pid).map(|st| st.start);
+        lock(&self.runtime).inits.push(Spawned {
+            pid,
+            start,
+            host: h.name.clone(),
+            command: format!("init of {}", h.name),
+            log: log.clone(),
+        });
+        lock(&self.children).insert(pid, child);
+        self.save()?;
+        wait_until(
+            Instant::now() + SPAWN_WAIT,
+            Duration::from_millis(2),
+            || {
+                if !sys::is_live(pid, start) {
+                    bail!(
+                        "it exited: {}",
+                        fs::read_to_string(&log).unwrap_or_default().trim()
+                    );
+                }
+                Ok(ready.exists())
+            },
+        )
+        .with_context(|| format!("the init of `{}` (pid {pid})", h.name))?;
+        for (kind, file) in [("pid", &h.pid_ns), ("ipc", &h.ipc_ns), ("uts", &h.uts_ns)] {
+            fs::File::create(file).with_context(|| format!("creating {}", file.display()))?;
+            let source = PathBuf::from(format!("/proc/{pid}/ns/{kind}"));
+            sys::bind_mount(&source, file).with_context(|| {
+                format!("bind-mounting {} on {}", source.display(), file.display())
+            })?;
         }
         Ok(())
     }
@@ -785,19 +928,23 @@ impl Lab {
         c
     }
 
-    fn ns_args(h: &Host) -> [OsString; 2] {
-        let mut net = OsString::from("--net=");
-        net.push(&h.netns_path);
-        let mut mnt = OsString::from("--mount=");
-        mnt.push(&h.mount_ns);
-        [net, mnt]
+    fn ns_args(h: &Host) -> Vec<OsString> {
+        h.ns_files()
+            .map(|(option, file)| {
+                let mut arg = OsString::from(option);
+                arg.push(file);
+                arg
+            })
+            .collect()
     }
 
-    /// A command that runs `program` inside `host`'s network and mount namespaces:
-    /// `nsenter --net=/run/netns/<ns> --mount=<dir>/<host>.mnt -- program`. Add arguments
-    /// and environment as usual. nsenter execs the program, so a child's PID is the
-    /// program's. The working directory inside is `/` (entering a mount namespace resets
-    /// it): [`Lab::spawn`] and [`Lab::run`] honour `current_dir` of a plain command.
+    /// A command that runs `program` inside `host`, in all its namespaces (network, mount,
+    /// PID, IPC, UTS): `nsenter --net=/run/netns/<ns> --mount=<dir>/<host>.mnt
+    /// --pid=<dir>/<host>.pidns --ipc=... --uts=... -- program`. Add arguments and
+    /// environment as usual. nsenter forks to enter the PID namespace: the child's PID is
+    /// nsenter's, which waits for the program and exits as it did; [`Lab::spawn`] starts
+    /// the program itself instead. The working directory inside is `/` (entering a mount
+    /// namespace resets it): [`Lab::spawn`] honours `current_dir`.
     pub fn command(&self, host: &str, program: impl AsRef<OsStr>) -> Result<Command> {
         let h = self.host(host)?;
         let mut c = Command::new("nsenter");
@@ -805,26 +952,25 @@ impl Lab {
         Ok(c)
     }
 
-    fn is_wrapped(h: &Host, cmd: &Command) -> bool {
-        let [net, _] = Self::ns_args(h);
-        cmd.get_program() == "nsenter" && cmd.get_args().next() == Some(net.as_os_str())
-    }
-
-    /// Turns a plain command (program, args, env, current_dir) into one that runs in `h`.
-    fn wrap(h: &Host, cmd: &Command) -> Command {
-        let mut c = Command::new("nsenter");
-        c.args(Self::ns_args(h)).arg("--");
-        if let Some(dir) = cmd.get_current_dir() {
-            c.args(["sh", "-c", "cd \"$0\" && exec \"$@\""]).arg(dir);
+    /// The program and arguments of `cmd`: those after nsenter's `--` if [`Lab::command`]
+    /// made it for `h`, else its own.
+    fn program_of(h: &Host, cmd: &Command) -> (OsString, Vec<OsString>) {
+        let wrapped = cmd.get_program() == "nsenter"
+            && Self::ns_args(h)
+                .iter()
+                .map(OsString::as_os_str)
+                .eq(cmd.get_args().take(h.ns_files().count()));
+        let mut args = cmd.get_args().map(OsStr::to_owned);
+        if wrapped
+            && args.by_ref().any(|a| a == "--")
+            && let Some(program) = args.next()
+        {
+            return (program, args.collect());
         }
-        c.arg(cmd.get_program()).args(cmd.get_args());
-        for (k, v) in cmd.get_envs() {
-            match v {
-                Some(v) => c.env(k, v),
-                None => c.env_remove(k),
-            };
-        }
-        c
+        (
+            cmd.get_program().to_owned(),
+            cmd.get_args().map(OsStr::to_owned).collect(),
+        )
     }
 
     /// Runs `args[0]` with `args[1..]` in `host` and waits; a non-zero exit is an error
@@ -839,8 +985,10 @@ impl Lab {
     /// Starts `cmd` in `host`, in its own process group, stdin from /dev/null, stdout and
     /// stderr appended to `log` (parent directories created). `cmd` may be a plain
     /// command (`Command::new("sleep").arg("1000")`: program, args, env and current_dir
-    /// are carried over) or one made by [`Lab::command`] for the same host. The PID is
-    /// recorded in the lab state; teardown kills it.
+    /// are carried over) or one made by [`Lab::command`] for the same host. The process is
+    /// started directly inside the host's namespaces (a child of this process, not of
+    /// nsenter), so the PID returned is the program's own. The PID is recorded in the lab
+    /// state; teardown kills it.
     pub fn spawn(&self, host: &str, cmd: &mut Command, log: impl AsRef<Path>) -> Result<u32> {
         let h = self.host(host)?;
         let log = log.as_ref();
@@ -853,50 +1001,33 @@ impl Lab {
             .open(log)
             .with_context(|| format!("opening {}", log.display()))?;
         let err = out.try_clone()?;
-        let mut wrapped;
-        let c: &mut Command = if Self::is_wrapped(h, cmd) {
-            cmd
-        } else {
-            wrapped = Self::wrap(h, cmd);
-            &mut wrapped
-        };
+        let (program, args) = Self::program_of(h, cmd);
+        let envs: Vec<(OsString, Option<OsString>)> = cmd
+            .get_envs()
+            .map(|(k, v)| (k.to_owned(), v.map(OsStr::to_owned)))
+            .collect();
+        let dir = cmd.get_current_dir().map(Path::to_owned);
+        let mut c = Command::new(&program);
+        c.args(&args);
+        let description = sys::describe(&c);
+        for (k, v) in envs {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        if let Some(dir) = dir {
+            c.current_dir(dir);
+        }
         c.stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .process_group(0);
-        let description = sys::describe(c);
-        // The program nsenter will exec (after the `--`), to know when it has.
-        let inner_is_nsenter = c
-            .get_args()
-            .skip_while(|a| *a != "--")
-            .nth(1)
-            .and_then(|p| Path::new(p).file_name())
-            .is_some_and(|n| n == "nsenter");
-        let mut child = c
-            .spawn()
-            .with_context(|| format!("spawning `{description}`"))?;
+        let mut child = sys::in_namespaces(h.namespaces(), move || c.spawn())?
+            .with_context(|| format!("spawning `{description}` in `{host}`"))?;
         let pid = child.id();
         let start = sys::proc_stat(pid).map(|s| s.start);
-        // Return only once the program runs inside the host (nsenter has entered the
-        // namespaces and exec'd), so callers can rely on processes()/comm right away.
-        let netns = sys::ns_id(&h.netns_path);
-        let mut exited = None;
-        let entered = wait_until(
-            Instant::now() + SPAWN_WAIT,
-            Duration::from_millis(1),
-            || {
-                if let Some(st) = child.try_wait()? {
-                    exited = Some(st);
-                    return Ok(true);
-                }
-                let in_ns = sys::ns_id(Path::new(&format!("/proc/{pid}/ns/net"))) == netns;
-                let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-                Ok(in_ns && (inner_is_nsenter || comm.trim_end() != "nsenter"))
-            },
-        );
-        if let Err(e) = entered {
-            eprintln!("tandem-lab: pid {pid} (`{description}`) not yet in `{host}`: {e:#}");
-        }
+        let exited = child.try_wait()?;
         match exited {
             Some(st) => {
                 lock(&self.exited).insert(pid, st);
@@ -916,13 +1047,14 @@ impl Lab {
         Ok(pid)
     }
 
-    /// PIDs of all processes (not zombies) inside `host`'s network or mount namespace.
+    /// PIDs of all processes (not zombies) inside any of `host`'s namespaces, its init
+    /// included.
     pub fn processes(&self, host: &str) -> Result<Vec<u32>> {
         let h = self.host(host)?;
         let own = sys::own_ns_ids();
-        let ids: Vec<_> = [&h.netns_path, &h.mount_ns]
-            .into_iter()
-            .filter_map(|p| sys::ns_id(p))
+        let ids: Vec<_> = h
+            .ns_files()
+            .filter_map(|(_, p)| sys::ns_id(p))
             .filter(|id| !own.contains(id))
             .collect();
         Ok(sys::pids_in_namespaces(&ids).into_iter().collect())
@@ -1003,20 +1135,43 @@ impl Lab {
     /// in it). The filesystem view stays the caller's.
     pub fn in_netns<T: Send>(&self, host: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
         let h = self.host(host)?;
-        sys::in_namespaces(Some(&h.netns_path), None, f)
+        let net = sys::Namespaces {
+            net: Some(&h.netns_path),
+            ..sys::Namespaces::default()
+        };
+        sys::in_namespaces(net, f)
     }
 
-    /// Runs `f` on a thread inside `host`'s network and mount namespaces: paths resolve as
-    /// the host sees them (its binds, its /sys).
+    /// Runs `f` on a thread inside `host`'s namespaces: paths resolve as the host sees them
+    /// (its binds, its /sys, its /proc), the host name is the host's, and processes `f`
+    /// starts are born in the host's PID namespace. The thread itself is not in that PID
+    /// namespace (no thread can move there), so `/proc/self` does not resolve inside `f`.
     pub fn in_host<T: Send>(&self, host: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
         let h = self.host(host)?;
-        sys::in_namespaces(Some(&h.netns_path), Some(&h.mount_ns), f)
+        sys::in_namespaces(h.namespaces(), f)
+    }
+
+    /// The PID, as this process sees it, of the process that `host` knows as `pid` (a PID
+    /// read from a pid file written inside, or printed by a program there). `None` if the
+    /// host has no such process.
+    pub fn outer_pid(&self, host: &str, pid: u32) -> Result<Option<u32>> {
+        let h = self.host(host)?;
+        let ns = sys::ns_id(&h.pid_ns)
+            .with_context(|| format!("`{host}` has no PID namespace ({})", h.pid_ns.display()))?;
+        Ok(sys::pids_in_namespaces(&[ns])
+            .into_iter()
+            .find(|&outer| sys::ns_pids(outer).and_then(|p| p.last().copied()) == Some(pid)))
+    }
+
+    /// The PID that the host of process `pid` (as this process sees it) knows it by.
+    pub fn inner_pid(&self, pid: u32) -> Option<u32> {
+        sys::ns_pids(pid)?.last().copied()
     }
 
     /// Bind-mounts `source` on `target` inside `host`'s mount namespace only (both
     /// absolute, as the host sees them). Creates `source` (kept at teardown unless it is
-    /// under the lab directory) and the missing directories of `target` (removed at
-    /// teardown if empty).
+    /// under the lab directory) and the missing directories of `target`, which teardown
+    /// removes if empty and no other lab binds on them (see `mountpoints`).
     pub fn bind(
         &self,
         host: &str,
@@ -1032,22 +1187,19 @@ impl Lab {
             );
         }
         let (s, t) = (source.clone(), target.clone());
+        // Held until the bind is in the state file, so that no other lab's teardown removes
+        // the mount point meanwhile.
+        let _guard = mountpoints::lock(&self.root)?;
+        let made = mountpoints::made_by_labs(&self.root);
         let created = self.in_host(host, move || -> Result<Vec<PathBuf>> {
             fs::create_dir_all(&s).with_context(|| format!("creating {}", s.display()))?;
-            let mut missing = Vec::new();
-            let mut p = Some(t.as_path());
-            while let Some(dir) = p {
-                if dir.exists() {
-                    break;
-                }
-                missing.push(dir.to_owned());
-                p = dir.parent();
-            }
+            let claimed = mountpoints::to_claim(&t, &made, Path::exists);
             fs::create_dir_all(&t).with_context(|| format!("creating {}", t.display()))?;
             sys::bind_mount(&s, &t)
                 .with_context(|| format!("mount --bind {} {}", s.display(), t.display()))?;
-            Ok(missing)
+            Ok(claimed)
         })??;
+        mountpoints::register(&self.root, &created)?;
         {
             let mut rt = lock(&self.runtime);
             for d in created {

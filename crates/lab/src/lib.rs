@@ -79,6 +79,7 @@
 
 mod alloc;
 mod lab;
+mod mountpoints;
 mod ping;
 mod sys;
 mod wait;

@@ -102,6 +102,25 @@ pub(crate) fn is_live(pid: u32, start: Option<u64>) -> bool {
     }
 }
 
+/// Reaps `pid` if it is a zombie child of this process that started at `start` (a process
+/// an earlier handle of the lab spawned and dropped). Until it is reaped, a killed host's
+/// init cannot finish dying: it waits for every process of its PID namespace to be reaped.
+pub(crate) fn reap_if_zombie_child(pid: u32, start: Option<u64>) {
+    let Some(st) = proc_stat(pid) else {
+        return;
+    };
+    if st.state != 'Z' || start.is_some_and(|s| s != st.start) {
+        return;
+    }
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    let mut status = 0;
+    // SAFETY: waitpid with WNOHANG on one PID writes only `status`; for a process that is
+    // not our child it fails with ECHILD and changes nothing.
+    unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+}
+
 /// Identity of a namespace file (nsfs device and inode), if the path is one we can stat.
 pub(crate) type NsId = (u64, u64);
 
@@ -109,9 +128,12 @@ pub(crate) fn ns_id(path: &Path) -> Option<NsId> {
     fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
+/// The kinds of namespace a lab host has of its own (`/proc/<pid>/ns/<kind>`).
+pub(crate) const HOST_NS_KINDS: [&str; 5] = ["net", "mnt", "pid", "ipc", "uts"];
+
 /// The namespaces this process lives in (never to be treated as a lab's).
 pub(crate) fn own_ns_ids() -> Vec<NsId> {
-    ["net", "mnt"]
+    HOST_NS_KINDS
         .iter()
         .flat_map(|k| {
             [
@@ -123,7 +145,7 @@ pub(crate) fn own_ns_ids() -> Vec<NsId> {
         .collect()
 }
 
-/// PIDs (thread-group leaders, not zombies) whose network or mount namespace is in `ids`.
+/// PIDs (thread-group leaders, not zombies) with any namespace of [`HOST_NS_KINDS`] in `ids`.
 pub(crate) fn pids_in_namespaces(ids: &[NsId]) -> BTreeSet<u32> {
     let mut found = BTreeSet::new();
     if ids.is_empty() {
@@ -144,7 +166,7 @@ pub(crate) fn pids_in_namespaces(ids: &[NsId]) -> BTreeSet<u32> {
         if pid == me {
             continue;
         }
-        for kind in ["net", "mnt"] {
+        for kind in HOST_NS_KINDS {
             if let Some(id) = ns_id(&entry.path().join("ns").join(kind))
                 && ids.contains(&id)
             {
@@ -298,20 +320,37 @@ pub(crate) fn is_mount_point(path: &Path) -> bool {
     mounts_under(path).iter().any(|m| m == path)
 }
 
-/// Runs `f` on a fresh thread that has entered the given namespaces (network and/or
-/// mount). The caller's threads are untouched; sockets created inside stay in that
-/// network namespace after the thread ends.
-pub(crate) fn in_namespaces<T, F>(net: Option<&Path>, mnt: Option<&Path>, f: F) -> Result<T>
+/// Namespace files to enter (`None`: keep the caller's).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Namespaces<'a> {
+    pub net: Option<&'a Path>,
+    pub mnt: Option<&'a Path>,
+    /// Applies to the processes the thread starts (not to the thread itself).
+    pub pid: Option<&'a Path>,
+    pub ipc: Option<&'a Path>,
+    pub uts: Option<&'a Path>,
+}
+
+/// Runs `f` on a fresh thread that has entered the given namespaces. The caller's threads
+/// are untouched; sockets created inside stay in that network namespace after the thread
+/// ends; processes the thread starts are born in the PID namespace (a thread cannot move
+/// itself into one: `setns` sets the namespace of its future children).
+pub(crate) fn in_namespaces<T, F>(ns: Namespaces<'_>, f: F) -> Result<T>
 where
     T: Send,
     F: FnOnce() -> T + Send,
 {
-    let net_fd = net
-        .map(|p| File::open(p).with_context(|| format!("opening {}", p.display())))
-        .transpose()?;
-    let mnt_fd = mnt
-        .map(|p| File::open(p).with_context(|| format!("opening {}", p.display())))
-        .transpose()?;
+    let open = |p: Option<&Path>| {
+        p.map(|p| File::open(p).with_context(|| format!("opening {}", p.display())))
+            .transpose()
+    };
+    let mnt_fd = open(ns.mnt)?;
+    let others = [
+        (open(ns.net)?, libc::CLONE_NEWNET, "network"),
+        (open(ns.pid)?, libc::CLONE_NEWPID, "PID"),
+        (open(ns.ipc)?, libc::CLONE_NEWIPC, "IPC"),
+        (open(ns.uts)?, libc::CLONE_NEWUTS, "UTS"),
+    ];
     std::thread::scope(|scope| {
         let handle = scope.spawn(move || -> Result<T> {
             if let Some(fd) = mnt_fd {
@@ -328,11 +367,15 @@ where
                     return Err(io::Error::last_os_error()).context("setns(mount namespace)");
                 }
             }
-            if let Some(fd) = net_fd {
-                // SAFETY: fd is an open network namespace file owned by this closure;
-                // setns only changes the calling thread's network namespace.
-                if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(io::Error::last_os_error()).context("setns(network namespace)");
+            for (fd, kind, what) in others {
+                if let Some(fd) = fd {
+                    // SAFETY: fd is an open namespace file of that kind owned by this
+                    // closure; setns only changes the calling thread's namespace (for a
+                    // PID namespace: that of the children it starts).
+                    if unsafe { libc::setns(fd.as_raw_fd(), kind) } != 0 {
+                        return Err(io::Error::last_os_error())
+                            .with_context(|| format!("setns({what} namespace)"));
+                    }
                 }
             }
             Ok(f())
@@ -342,6 +385,39 @@ where
             Err(panic) => std::panic::resume_unwind(panic),
         }
     })
+}
+
+/// Gives the calling thread new PID (for its children), IPC and UTS namespaces, with
+/// `hostname` as host name. Meant for a thread made by [`in_namespaces`], which then
+/// starts the namespace's init.
+pub(crate) fn unshare_machine(hostname: &str) -> io::Result<()> {
+    // SAFETY: unshare only changes the calling thread's namespaces (a new PID namespace
+    // takes effect for the children it starts).
+    if unsafe { libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the pointer and length describe `hostname`'s bytes, alive across the call;
+    // the thread's UTS namespace is its own since the unshare above.
+    if unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The PIDs of a process in each PID namespace it belongs to, outermost first (the
+/// `NSpid` line of `/proc/<pid>/status`).
+pub(crate) fn ns_pids(pid: u32) -> Option<Vec<u32>> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+    line.split_whitespace().map(|p| p.parse().ok()).collect()
+}
+
+/// `/proc/sys/kernel/pid_max` (32768 if unreadable).
+pub(crate) fn pid_max() -> u32 {
+    fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(32768)
 }
 
 /// Writes "1" to a host-side IPv6 sysctl of interface `ifname` (missing file = no IPv6).

@@ -11,12 +11,14 @@ use tandem_lab::{Lab, LabSpec, signal, wait_for};
 const POLL: Duration = Duration::from_millis(20);
 const SETTLE: Duration = Duration::from_secs(10);
 
+/// The lab needs root: a test run by another user fails here rather than passing unrun.
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        eprintln!("skipping: the lab needs root");
-    }
+    assert!(
+        root,
+        "the lab tests need root (namespaces, mounts, nftables)"
+    );
     root
 }
 
@@ -346,7 +348,7 @@ fn spawn_and_signals() {
     assert!(lab.processes("a").expect("procs").contains(&pid));
     assert!(!lab.processes("b").expect("procs").contains(&pid));
     assert_eq!(lab.spawned().len(), 1);
-    // The PID is the program's own (nsenter execs it), in its own process group.
+    // The PID is the program's own (started directly in the host), in its own process group.
     let comm = fs::read_to_string(format!("/proc/{pid}/comm")).expect("comm");
     assert_eq!(comm.trim(), "sleep");
     // SAFETY: getpgid has no memory-safety preconditions.
@@ -583,4 +585,150 @@ fn cleanup_stale_removes_dead_labs_only() {
     fp.assert_gone();
     Footprint::of(&live).assert_present();
     live.destroy().expect("destroy");
+}
+
+fn stdout(lab: &Lab, host: &str, args: &[&str]) -> String {
+    let out = lab.run(host, args).expect("run");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Each host is a machine of its own: its host name, its processes (PID 1 its init, which
+/// reaps orphans; PIDs from a range of its own), its IPC objects; none of one host's is
+/// visible from another.
+#[test]
+fn hosts_are_isolated_like_machines() {
+    if !is_root() {
+        return;
+    }
+    let lab = Lab::create(LabSpec::new(["node1", "node2"])).expect("create");
+    for h in ["node1", "node2"] {
+        assert_eq!(stdout(&lab, h, &["hostname"]).trim(), h);
+        let name = lab
+            .in_host(h, || {
+                let mut buf = [0u8; 64];
+                // SAFETY: buf is writable for its whole length.
+                let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+                assert_eq!(rc, 0);
+                let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+                String::from_utf8_lossy(&buf[..end]).into_owned()
+            })
+            .expect("in_host");
+        assert_eq!(name, h);
+        assert_eq!(
+            stdout(&lab, h, &["ps", "-o", "comm=", "-p", "1"]).trim(),
+            "sh"
+        );
+    }
+
+    // A process of node1: seen there under its host PID, not from node2 at all.
+    let pid = lab
+        .spawn(
+            "node1",
+            Command::new("sleep").arg("1001234"),
+            lab.dir().join("sleep.log"),
+        )
+        .expect("spawn");
+    let inner = lab.inner_pid(pid).expect("inner pid");
+    assert_ne!(inner, pid, "node1's PIDs are its own");
+    assert_eq!(lab.outer_pid("node1", inner).expect("outer"), Some(pid));
+    assert_eq!(lab.outer_pid("node2", inner).expect("outer"), None);
+    let pid_max: u32 = fs::read_to_string("/proc/sys/kernel/pid_max")
+        .expect("pid_max")
+        .trim()
+        .parse()
+        .expect("number");
+    let base = pid_max / 3;
+    assert!(
+        (base..2 * base).contains(&inner),
+        "node1's PIDs start at {base}: {inner}"
+    );
+    let kill0 = |host: &str, pid: u32| lab.run(host, &["kill", "-0", &pid.to_string()]).is_ok();
+    assert!(kill0("node1", inner), "kill -0 {inner} in node1");
+    for p in [inner, pid] {
+        assert!(!kill0("node2", p), "node2 can signal node1's process {p}");
+    }
+    let listed = |host: &str| stdout(&lab, host, &["ps", "-eo", "pid,args"]);
+    assert!(
+        listed("node1").contains("sleep 1001234"),
+        "{}",
+        listed("node1")
+    );
+    let node2 = listed("node2");
+    assert!(!node2.contains("sleep 1001234"), "node2 lists it:\n{node2}");
+    let node2_base = 2 * base;
+    for line in node2.lines().skip(1) {
+        let p: u32 = line
+            .split_whitespace()
+            .next()
+            .expect("pid")
+            .parse()
+            .expect("pid");
+        assert!(
+            p == 1 || p >= node2_base,
+            "node2's PIDs start at {node2_base}:\n{node2}"
+        );
+    }
+
+    // System V IPC: a segment of node1 is not node2's.
+    let id = stdout(&lab, "node1", &["ipcmk", "-M", "4096"]);
+    let id = id.split(':').next_back().expect("id").trim().to_owned();
+    assert!(stdout(&lab, "node1", &["ipcs", "-m"]).contains(&format!(" {id} ")));
+    assert!(!stdout(&lab, "node2", &["ipcs", "-m"]).contains(&format!(" {id} ")));
+
+    // Orphans are reaped by the host's init: no zombie is left behind.
+    let init = lab.outer_pid("node1", 1).expect("outer").expect("init");
+    lab.run(
+        "node1",
+        &["sh", "-c", "for i in 1 2 3; do (sleep 0.05 &); done"],
+    )
+    .expect("orphans");
+    let children = |p: u32| -> Vec<u32> {
+        fs::read_to_string(format!("/proc/{p}/task/{p}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|c| c.parse().ok())
+            .collect()
+    };
+    wait_for(SETTLE, POLL, || {
+        Ok(children(init)
+            .iter()
+            .all(|&c| proc_state(c).as_deref() != Some("Z"))
+            && children(init).len() == 1)
+    })
+    .unwrap_or_else(|e| panic!("init's children {:?}: {e:#}", children(init)));
+
+    // The host's processes die with it.
+    let fp = Footprint::of(&lab);
+    lab.destroy().expect("destroy");
+    assert!(pid_gone(pid) && pid_gone(init));
+    fp.assert_gone();
+}
+
+/// Two labs bind on the same path: the first one's teardown leaves the mount point, which
+/// the second still uses, and the second's data stays reachable inside it.
+#[test]
+fn a_lab_does_not_remove_a_mount_point_another_lab_uses() {
+    if !is_root() {
+        return;
+    }
+    let a = Lab::create(LabSpec::new(["n"])).expect("create a");
+    let b = Lab::create(LabSpec::new(["n"])).expect("create b");
+    let top = Path::new("/srv").join(format!("tandem-lab-shared-{}-{}", a.name(), b.name()));
+    let target = top.join("data");
+    for lab in [&a, &b] {
+        let source = lab.host("n").expect("host").dir.join("data");
+        lab.bind("n", &source, &target).expect("bind");
+    }
+    let file = target.join("f");
+    let file = file.to_str().expect("utf8");
+    b.run("n", &["sh", "-c", &format!("echo b > {file}")])
+        .expect("write in b");
+    a.destroy().expect("destroy a");
+    assert!(
+        target.is_dir(),
+        "a's teardown removed the mount point b uses"
+    );
+    assert_eq!(stdout(&b, "n", &["cat", file]).trim(), "b");
+    b.destroy().expect("destroy b");
+    assert!(!top.exists(), "the last lab leaves its mount points");
 }

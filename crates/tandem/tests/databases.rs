@@ -125,9 +125,9 @@ fn sqlite_wal_survives_failover() {
         acks = acks.display()
     );
     let mut command = cluster.lab.command("node1", "bash").unwrap();
-    command
-        .arg("-c")
-        .arg(format!("exec sqlite3 -bail {db} < <({generator})"));
+    command.arg("-c").arg(format!(
+        "exec sqlite3 -bail -cmd '.timeout 10000' {db} < <({generator})"
+    ));
     let writer = cluster
         .lab
         .spawn("node1", &mut command, node1.join("sqlite-writer.out"))
@@ -157,7 +157,7 @@ fn sqlite_wal_survives_failover() {
         &cluster,
         "node2",
         &format!(
-            "sqlite3 -bail {db} 'PRAGMA integrity_check;' 'PRAGMA journal_mode;' \
+            "sqlite3 -bail -cmd '.timeout 10000' {db} 'PRAGMA integrity_check;' 'PRAGMA journal_mode;' \
              'SELECT n FROM ledger ORDER BY n;'"
         ),
     );
@@ -178,7 +178,7 @@ fn sqlite_wal_survives_failover() {
         &cluster,
         "node2",
         &format!(
-            "sqlite3 -bail {db} 'PRAGMA synchronous=FULL;' \
+            "sqlite3 -bail -cmd '.timeout 10000' {db} 'PRAGMA synchronous=FULL;' \
              'INSERT INTO ledger(n, payload) VALUES({next}, hex(randomblob(300)));' \
              'PRAGMA integrity_check;' 'SELECT count(*) FROM ledger;'"
         ),
@@ -252,6 +252,7 @@ struct Postgres<'a> {
     node: &'static str,
     pgdata: String,
     socket_dir: PathBuf,
+    /// The postmaster's PID as this process sees it (`postmaster.pid` has the node's own).
     pid: u32,
     /// The postmaster's System V segment (`postmaster.pid`, line 7: key and id).
     shmid: Option<String>,
@@ -276,6 +277,11 @@ impl<'a> Postgres<'a> {
         let pid_file = sh_ok(cluster, node, &format!("cat {pgdata}/postmaster.pid"));
         let lines: Vec<&str> = pid_file.lines().collect();
         let pid = lines[0].trim().parse().unwrap();
+        let pid = cluster
+            .lab
+            .outer_pid(node, pid)
+            .unwrap()
+            .unwrap_or_else(|| panic!("no postmaster {pid} in {node}:\n{pid_file}"));
         let shmid = lines
             .get(6)
             .and_then(|line| line.split_whitespace().nth(1))
@@ -347,8 +353,9 @@ impl<'a> Postgres<'a> {
             }
         }
         if let Some(shmid) = &self.shmid {
-            // Fails harmlessly when already removed.
-            let _ = Command::new("ipcrm").args(["-m", shmid]).output();
+            // In the node's own IPC namespace; fails harmlessly when already removed.
+            let mut ipcrm = lab.command(self.node, "ipcrm").unwrap();
+            let _ = ipcrm.args(["-m", shmid]).output();
         }
     }
 

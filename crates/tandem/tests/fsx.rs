@@ -86,12 +86,12 @@ fn directory_mtimes(a: &Snapshot, b: &Snapshot) -> Vec<String> {
 // ------------------------------------------------------------------------------------ workers
 
 /// A worker process (this binary re-executed inside node1 with `TANDEM_FSX_WORKER=ROOT SEED
-/// INDEX OPS`): runs its operations, prints its counts. Does nothing without the variable.
+/// INDEX OPS`): runs its operations, prints its counts. Not a test of its own: ignored, and
+/// run with `--ignored` by the test that starts it.
 #[test]
+#[ignore = "helper: run inside node1 by fsx_replicas_are_identical_after_random_operations_from_several_processes"]
 fn fsx_worker() {
-    let Ok(spec) = std::env::var(WORKER_ENV) else {
-        return;
-    };
+    let spec = std::env::var(WORKER_ENV).expect("run by the fsx test, with TANDEM_FSX_WORKER");
     let fields: Vec<&str> = spec.split(' ').collect();
     let [root, seed, index, ops] = fields[..] else {
         panic!("{WORKER_ENV}={spec}: expected ROOT SEED INDEX OPS");
@@ -165,7 +165,13 @@ fn fsx_replicas_are_identical_after_random_operations_from_several_processes() {
                 .join(format!("fsx-worker-{i}.out"));
             let mut command = cluster.lab.command("node1", &exe).unwrap();
             command
-                .args(["--exact", "fsx_worker", "--nocapture", "--test-threads=1"])
+                .args([
+                    "--exact",
+                    "fsx_worker",
+                    "--ignored",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
                 .env(
                     WORKER_ENV,
                     format!(
