@@ -3,7 +3,8 @@
 set -eu
 missing=""
 for pair in ip:iproute2 nft:nftables nsenter:util-linux unshare:util-linux curl:curl ping:iputils-ping \
-    sqlite3:sqlite3 cc:build-essential pkg-config:pkg-config jq:jq setfattr:attr; do
+    sqlite3:sqlite3 cc:build-essential pkg-config:pkg-config jq:jq setfattr:attr ps:procps \
+    hostname:hostname ipcmk:util-linux; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing="$missing ${pair#*:}"
 done
 # pjdfstest (POSIX conformance of the replicated filesystem) links against libacl.
