@@ -956,7 +956,8 @@ impl Filesystem for Fs {
                     sys::set_mode(fd, mode).map_err(|e| errno(&e))?;
                 }
                 if atime.is_some() || mtime.is_some() {
-                    sys::set_times(fd, atime, mtime).map_err(|e| errno(&e))?;
+                    sys::set_times(fd, atime.map(Into::into), mtime.map(Into::into))
+                        .map_err(|e| errno(&e))?;
                 }
                 let st = sys::stat_fd(fd).map_err(|e| errno(&e))?;
                 Ok(Applied {

@@ -33,6 +33,15 @@ impl Timestamp {
     }
 }
 
+impl From<Timestamp> for rustix::fs::Timespec {
+    fn from(t: Timestamp) -> rustix::fs::Timespec {
+        rustix::fs::Timespec {
+            tv_sec: t.sec,
+            tv_nsec: i64::from(t.nsec) as _,
+        }
+    }
+}
+
 impl From<SystemTime> for Timestamp {
     fn from(t: SystemTime) -> Timestamp {
         match t.duration_since(UNIX_EPOCH) {

@@ -35,6 +35,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,7 +46,7 @@ use tandem_fs::writeback::{self, SyncHistory};
 use tandem_fs::{EntryRef, FileId, Mutation, NodeRef, Op, Outcome, Owner, SyncMode};
 
 use crate::lock;
-use crate::sys::{self, XattrPath};
+use crate::sys::{self, XattrPath, os};
 
 /// Mutations kept waiting for the primary's outcome at most (the oldest are dropped beyond it:
 /// an outcome that never came, e.g. the primary died).
@@ -90,7 +91,7 @@ struct Node {
 }
 
 impl Node {
-    fn new(fd: OwnedFd) -> Result<Arc<Node>, i32> {
+    fn new(fd: OwnedFd) -> io::Result<Arc<Node>> {
         let st = sys::stat_fd(fd.as_fd())?;
         Ok(Arc::new(Node {
             fd,
@@ -102,11 +103,11 @@ impl Node {
     }
 
     /// The read-write descriptor of a regular file.
-    fn file(&self) -> Result<Arc<OwnedFd>, i32> {
+    fn file(&self) -> io::Result<Arc<OwnedFd>> {
         match self.kind {
             libc::S_IFREG => {}
-            libc::S_IFDIR => return Err(libc::EISDIR),
-            _ => return Err(libc::EINVAL),
+            libc::S_IFDIR => return Err(os(libc::EISDIR)),
+            _ => return Err(os(libc::EINVAL)),
         }
         let mut file = lock(&self.file);
         if let Some(f) = file.as_ref() {
@@ -222,7 +223,7 @@ impl Applier {
             preapplied,
             ..Effects::default()
         };
-        let result = self.apply_op(&m.op, &mut fx);
+        let result = self.apply_op(&m.op, &mut fx).map_err(|e| sys::errno(&e));
         let (ids, paths) = involved(&m.op);
         let mut pending = lock(&self.pending);
         pending.insert(
@@ -249,10 +250,12 @@ impl Applier {
     /// the file system wrote less); [`Applier::apply_after`] then writes the rest and reports
     /// the result, errors included.
     pub fn write_ahead(&self, node: &NodeRef, offset: u64, data: &[u8]) -> Result<usize, i32> {
-        let n = self.node(node)?;
-        let f = n.file()?;
+        let f = self
+            .node(node)
+            .and_then(|n| n.file())
+            .map_err(|e| sys::errno(&e))?;
         match sys::pwrite_all(f.as_fd(), data, offset) {
-            (0, Some(e)) => Err(e),
+            (0, Some(e)) => Err(sys::errno(&e)),
             (written, _) => Ok(written),
         }
     }
@@ -292,7 +295,11 @@ impl Applier {
             if let Some(node) = node
                 && node.kind == libc::S_IFDIR
                 && node.times_seq.fetch_max(seq, Ordering::AcqRel) < seq
-                && let Err(e) = sys::set_times(node.fd.as_fd(), Some(dir.atime), Some(dir.mtime))
+                && let Err(e) = sys::set_times(
+                    node.fd.as_fd(),
+                    Some(dir.atime.into()),
+                    Some(dir.mtime.into()),
+                )
             {
                 return Err(diverged(Some(format!(
                     "directory times not copied: errno {e}"
@@ -306,7 +313,11 @@ impl Applier {
             lock(&self.table).insert(attr.id, node.clone());
         }
         if node.times_seq.fetch_max(seq, Ordering::AcqRel) < seq
-            && let Err(e) = sys::set_times(node.fd.as_fd(), Some(attr.atime), Some(attr.mtime))
+            && let Err(e) = sys::set_times(
+                node.fd.as_fd(),
+                Some(attr.atime.into()),
+                Some(attr.mtime.into()),
+            )
         {
             return Err(diverged(Some(format!("times not copied: errno {e}"))));
         }
@@ -332,28 +343,28 @@ impl Applier {
     // ------------------------------------------------------------------------ identification
 
     /// The local file of a primary node: the table, else its path (then it is added).
-    fn node(&self, r: &NodeRef) -> Result<Arc<Node>, i32> {
+    fn node(&self, r: &NodeRef) -> io::Result<Arc<Node>> {
         if let Some(n) = lock(&self.table).get(&r.id) {
             return Ok(n.clone());
         }
-        let path = r.path.as_deref().ok_or(libc::ESTALE)?;
+        let path = r.path.as_deref().ok_or_else(|| os(libc::ESTALE))?;
         let node = Node::new(sys::open_path_beneath(self.root.as_fd(), path)?)?;
         Ok(lock(&self.table).entry(r.id).or_insert(node).clone())
     }
 
     /// A directory node.
-    fn dir(&self, r: &NodeRef) -> Result<Arc<Node>, i32> {
+    fn dir(&self, r: &NodeRef) -> io::Result<Arc<Node>> {
         let n = self.node(r)?;
         if n.kind != libc::S_IFDIR {
-            return Err(libc::ENOTDIR);
+            return Err(os(libc::ENOTDIR));
         }
         Ok(n)
     }
 
     /// The parent directory and the (validated) name of an entry.
-    fn entry<'e>(&self, e: &'e EntryRef<'_>) -> Result<(Arc<Node>, &'e OsStr), i32> {
+    fn entry<'e>(&self, e: &'e EntryRef<'_>) -> io::Result<(Arc<Node>, &'e OsStr)> {
         if !sys::valid_name(&e.name) {
-            return Err(libc::EINVAL);
+            return Err(os(libc::EINVAL));
         }
         Ok((self.dir(&e.parent)?, e.name.as_ref()))
     }
@@ -372,7 +383,7 @@ impl Applier {
 
     // ------------------------------------------------------------------------ operations
 
-    fn apply_op(&self, op: &Op<'_>, fx: &mut Effects) -> Result<(), i32> {
+    fn apply_op(&self, op: &Op<'_>, fx: &mut Effects) -> io::Result<()> {
         match op {
             Op::Write {
                 node,
@@ -420,8 +431,8 @@ impl Applier {
                             }
                         }
                     }
-                    SyncMode::Data => rustix::fs::fdatasync(&*f).map_err(sys::rerr)?,
-                    SyncMode::Full => rustix::fs::fsync(&*f).map_err(sys::rerr)?,
+                    SyncMode::Data => rustix::fs::fdatasync(&*f).map_err(io::Error::from)?,
+                    SyncMode::Full => rustix::fs::fsync(&*f).map_err(io::Error::from)?,
                 }
                 Ok(())
             }
@@ -441,7 +452,7 @@ impl Applier {
                     *offset,
                     *len,
                 )
-                .map_err(sys::rerr)
+                .map_err(io::Error::from)
             }
             Op::SetAttr {
                 node,
@@ -461,19 +472,19 @@ impl Applier {
                         libc::S_IFREG => n.file()?,
                         _ => Arc::new(sys::reopen(n.fd.as_fd(), OFlags::WRONLY)?),
                     };
-                    rustix::fs::ftruncate(&*f, *size).map_err(sys::rerr)?;
+                    rustix::fs::ftruncate(&*f, *size).map_err(io::Error::from)?;
                 }
                 if uid.is_some() || gid.is_some() {
                     sys::set_owner(n.fd.as_fd(), *uid, *gid)?;
                 }
                 if let Some(mode) = mode {
                     if n.kind == libc::S_IFLNK {
-                        return Err(libc::EOPNOTSUPP);
+                        return Err(os(libc::EOPNOTSUPP));
                     }
                     sys::set_mode(n.fd.as_fd(), *mode)?;
                 }
                 if atime.is_some() || mtime.is_some() {
-                    sys::set_times(n.fd.as_fd(), *atime, *mtime)?;
+                    sys::set_times(n.fd.as_fd(), atime.map(Into::into), mtime.map(Into::into))?;
                 }
                 Ok(())
             }
@@ -495,10 +506,10 @@ impl Applier {
                 let (res, own_umask) = sys::with_umask(*umask, || {
                     rustix::fs::openat(&dir.fd, name, flags, Mode::from_raw_mode(mode & 0o7777))
                 });
-                let file = res.map_err(sys::rerr)?;
+                let file = res.map_err(io::Error::from)?;
                 if !own_umask {
                     rustix::fs::fchmod(&file, Mode::from_raw_mode(mode & !umask & 0o7777))
-                        .map_err(sys::rerr)?;
+                        .map_err(io::Error::from)?;
                 }
                 give_owner(file.as_fd(), *owner)?;
                 let node = Node::new(sys::open_path_at(dir.fd.as_fd(), name)?)?;
@@ -536,7 +547,7 @@ impl Applier {
                 owner,
             } => {
                 if target.as_os_str().is_empty() {
-                    return Err(libc::ENOENT);
+                    return Err(os(libc::ENOENT));
                 }
                 self.create_node(entry, *owner, fx, 0, libc::S_IFLNK | 0o777, |dir, name| {
                     rustix::fs::symlinkat(target.as_ref(), dir, name)
@@ -546,19 +557,19 @@ impl Applier {
                 let n = self.node(node)?;
                 let (dir, name) = self.entry(new)?;
                 rustix::fs::linkat(&n.fd, c"", &dir.fd, name, AtFlags::EMPTY_PATH)
-                    .map_err(sys::rerr)?;
+                    .map_err(io::Error::from)?;
                 fx.target = Some(n);
                 Ok(())
             }
             Op::Unlink { entry, target } => {
                 let (dir, name) = self.entry(entry)?;
                 self.keep(&dir, name, *target);
-                rustix::fs::unlinkat(&dir.fd, name, AtFlags::empty()).map_err(sys::rerr)
+                rustix::fs::unlinkat(&dir.fd, name, AtFlags::empty()).map_err(io::Error::from)
             }
             Op::Rmdir { entry, target } => {
                 let (dir, name) = self.entry(entry)?;
                 self.keep(&dir, name, *target);
-                rustix::fs::unlinkat(&dir.fd, name, AtFlags::REMOVEDIR).map_err(sys::rerr)
+                rustix::fs::unlinkat(&dir.fd, name, AtFlags::REMOVEDIR).map_err(io::Error::from)
             }
             Op::Rename {
                 from,
@@ -570,7 +581,7 @@ impl Applier {
                 if from.excluded && !to.excluded {
                     // A file enters the replicated tree from an excluded path: this node does not
                     // have it, only a resynchronisation can bring it.
-                    return Err(libc::EXDEV);
+                    return Err(os(libc::EXDEV));
                 }
                 let (fdir, fname) = self.entry(from)?;
                 let (tdir, tname) = self.entry(to)?;
@@ -578,7 +589,7 @@ impl Applier {
                 self.keep(&tdir, tname, *replaced);
                 let flags = RenameFlags::from_bits_retain(*flags);
                 rustix::fs::renameat_with(&fdir.fd, fname, &tdir.fd, tname, flags)
-                    .map_err(sys::rerr)?;
+                    .map_err(io::Error::from)?;
                 if flags.contains(RenameFlags::WHITEOUT) {
                     // The whiteout is a new inode: the outcome carries its times.
                     fx.target = Some(Node::new(sys::open_path_at(fdir.fd.as_fd(), fname)?)?);
@@ -607,9 +618,9 @@ impl Applier {
                     libc::S_IFREG => {
                         let f = n.file()?;
                         if *datasync {
-                            rustix::fs::fdatasync(&*f).map_err(sys::rerr)?;
+                            rustix::fs::fdatasync(&*f).map_err(io::Error::from)?;
                         } else {
-                            rustix::fs::fsync(&*f).map_err(sys::rerr)?;
+                            rustix::fs::fsync(&*f).map_err(io::Error::from)?;
                         }
                         n.syncs.synced();
                         Ok(())
@@ -618,9 +629,9 @@ impl Applier {
                         // A directory's entries and the files renamed or created in it may
                         // have been applied in any directory: flush the filesystem.
                         let d = sys::reopen(n.fd.as_fd(), OFlags::RDONLY | OFlags::DIRECTORY)?;
-                        rustix::fs::syncfs(&d).map_err(sys::rerr)
+                        rustix::fs::syncfs(&d).map_err(io::Error::from)
                     }
-                    _ => Err(libc::EINVAL),
+                    _ => Err(os(libc::EINVAL)),
                 }
             }
         }
@@ -636,11 +647,11 @@ impl Applier {
         umask: u32,
         mode: u32,
         make: impl FnOnce(BorrowedFd<'_>, &OsStr) -> rustix::io::Result<()>,
-    ) -> Result<(), i32> {
+    ) -> io::Result<()> {
         let (dir, name) = self.entry(entry)?;
         let symlink = mode & libc::S_IFMT == libc::S_IFLNK;
         let (res, own_umask) = sys::with_umask(umask, || make(dir.fd.as_fd(), name));
-        res.map_err(sys::rerr)?;
+        res.map_err(io::Error::from)?;
         let fd = sys::open_path_at(dir.fd.as_fd(), name)?;
         if !own_umask && !symlink {
             sys::set_mode(fd.as_fd(), mode & !umask)?;
@@ -657,21 +668,22 @@ impl Applier {
         &self,
         r: &NodeRef,
         n: &Node,
-        f: impl FnOnce(&XattrPath) -> Result<(), i32>,
-    ) -> Result<(), i32> {
+        f: impl FnOnce(&XattrPath) -> io::Result<()>,
+    ) -> io::Result<()> {
         if n.kind != libc::S_IFLNK {
             return f(&XattrPath::Follow(sys::proc_path(n.fd.as_fd())));
         }
-        let path = r.path.as_deref().ok_or(libc::EOPNOTSUPP)?;
+        let path = r.path.as_deref().ok_or_else(|| os(libc::EOPNOTSUPP))?;
         let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
-            return Err(libc::EOPNOTSUPP);
+            return Err(os(libc::EOPNOTSUPP));
         };
         let dir = sys::open_path_beneath(self.root.as_fd(), parent)?;
         // The name must still be this symlink.
-        let st = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(sys::rerr)?;
+        let st =
+            rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(io::Error::from)?;
         let own = sys::stat_fd(n.fd.as_fd())?;
         if (st.st_dev, st.st_ino) != (own.st_dev, own.st_ino) {
-            return Err(libc::EOPNOTSUPP);
+            return Err(os(libc::EOPNOTSUPP));
         }
         let p = sys::proc_entry_path(dir.as_fd(), name)?;
         f(&XattrPath::NoFollow(p))
@@ -680,7 +692,7 @@ impl Applier {
 
 /// Gives a node created here (as root) the caller's owner, keeping the set-ID bits `chown`
 /// clears (as the primary does).
-fn give_owner(fd: BorrowedFd<'_>, owner: Owner) -> Result<(), i32> {
+fn give_owner(fd: BorrowedFd<'_>, owner: Owner) -> io::Result<()> {
     let st = sys::stat_fd(fd)?;
     if st.st_uid == owner.uid && st.st_gid == owner.gid {
         return Ok(());

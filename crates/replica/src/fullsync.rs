@@ -170,11 +170,11 @@ fn display_path(p: &Path) -> std::path::Display<'_> {
 }
 
 /// A [`SyncError::Io`] from an errno.
-fn io_err<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(i32) -> SyncError + 'p {
-    move |errno| SyncError::Io {
+fn io_err<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> SyncError + 'p {
+    move |source| SyncError::Io {
         op,
         path: path.to_owned(),
-        source: io::Error::from_raw_os_error(errno),
+        source,
     }
 }
 
@@ -183,7 +183,7 @@ fn rio_err<'p>(
     op: &'static str,
     path: &'p Path,
 ) -> impl FnOnce(rustix::io::Errno) -> SyncError + 'p {
-    move |e| io_err(op, path)(e.raw_os_error())
+    move |e| io_err(op, path)(e.into())
 }
 
 fn time(sec: i64, nsec: u64) -> Timestamp {
@@ -344,7 +344,7 @@ impl Sender<'_> {
             let st = rustix::fs::statat(&dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(rio_err("stat", &path))?;
             let Some(kind) = EntryKind::from_mode(st.st_mode) else {
-                return Err(io_err("stat", &path)(libc::EINVAL));
+                return Err(io_err("stat", &path)(sys::os(libc::EINVAL)));
             };
             if kind != EntryKind::Dir && st.st_nlink > 1 {
                 let key = (st.st_dev, st.st_ino);
@@ -437,7 +437,7 @@ impl Sender<'_> {
         let opened = rustix::fs::fstat(&file).map_err(rio_err("stat", path))?;
         if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino) {
             // The tree changed under us (it should be frozen).
-            return Err(io_err("open", path)(libc::ESTALE));
+            return Err(io_err("open", path)(sys::os(libc::ESTALE)));
         }
         self.buf.resize(SYNC_CHUNK, 0);
         let mut pos = 0u64;
@@ -489,16 +489,16 @@ impl Sender<'_> {
 
 /// Every extended attribute of an entry.
 fn read_xattrs(at: &XattrPath, path: &Path) -> Result<Vec<Xattr<'static>>, SyncError> {
-    let names = sys::xattr_list(at).map_err(io_err("list xattrs", path))?;
+    let names = sys::xattr_names(at).map_err(io_err("list xattrs", path))?;
     let mut out = Vec::with_capacity(names.len());
     for name in names {
-        match sys::xattr_get(at, &name) {
+        match sys::xattr_value(at, &name) {
             Ok(value) => out.push(Xattr {
                 name: Cow::Owned(name),
                 value: Cow::Owned(value),
             }),
             // Removed meanwhile (it should be frozen).
-            Err(libc::ENODATA) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
             Err(e) => return Err(io_err("get xattr", path)(e)),
         }
     }
@@ -756,7 +756,7 @@ impl TreeReceiver<'_> {
         }
         match &self.parent {
             Some((_, fd)) => Ok(fd.as_fd()),
-            None => Err(io_err("open", parent)(libc::ENOENT)),
+            None => Err(io_err("open", parent)(sys::os(libc::ENOENT))),
         }
     }
 
@@ -767,8 +767,12 @@ impl TreeReceiver<'_> {
         };
         let at = XattrPath::Follow(sys::proc_path(f.fd.as_fd()));
         set_meta(f.fd.as_fd(), &at, &f.entry, &f.path)?;
-        sys::set_times(f.fd.as_fd(), Some(f.entry.atime), Some(f.entry.mtime))
-            .map_err(io_err("set times", &f.path))
+        sys::set_times(
+            f.fd.as_fd(),
+            Some(f.entry.atime.into()),
+            Some(f.entry.mtime.into()),
+        )
+        .map_err(io_err("set times", &f.path))
     }
 
     fn entry(&mut self, e: &TreeEntry<'_>) -> Result<(), SyncError> {
@@ -787,7 +791,7 @@ impl TreeReceiver<'_> {
                     let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
                         .map_err(rio_err("stat", path))?;
                     if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
-                        return Err(io_err("mkdir", path)(libc::EEXIST));
+                        return Err(io_err("mkdir", path)(sys::os(libc::EEXIST)));
                     }
                 }
                 Err(err) => return Err(rio_err("mkdir", path)(err)),
@@ -836,7 +840,7 @@ impl TreeReceiver<'_> {
                 mtime: e.mtime,
             });
         } else {
-            sys::set_times(fd.as_fd(), Some(e.atime), Some(e.mtime))
+            sys::set_times(fd.as_fd(), Some(e.atime.into()), Some(e.mtime.into()))
                 .map_err(io_err("set times", path))?;
         }
         Ok(())
@@ -910,7 +914,7 @@ impl TreeReceiver<'_> {
                 fd = sys::open_path_beneath(self.root, &d.path).map_err(io_err("open", &d.path))?;
                 fd.as_fd()
             };
-            sys::set_times(dir, Some(d.atime), Some(d.mtime))
+            sys::set_times(dir, Some(d.atime.into()), Some(d.mtime.into()))
                 .map_err(io_err("set times", &d.path))?;
         }
         let root = PathBuf::new();
@@ -928,12 +932,13 @@ fn set_meta(
     path: &Path,
 ) -> Result<(), SyncError> {
     sys::set_owner(fd, Some(e.uid), Some(e.gid)).map_err(io_err("chown", path))?;
-    let existing = sys::xattr_list(at).map_err(io_err("list xattrs", path))?;
+    let existing = sys::xattr_names(at).map_err(io_err("list xattrs", path))?;
     for name in existing {
         if !e.xattrs.iter().any(|x| *x.name == *name) {
             match sys::xattr_remove(at, &name) {
-                Ok(()) | Err(libc::ENODATA) => {}
-                Err(errno) => return Err(io_err("remove xattr", path)(errno)),
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+                Err(e) => return Err(io_err("remove xattr", path)(e)),
             }
         }
     }

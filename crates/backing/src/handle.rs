@@ -1,0 +1,184 @@
+//! Kernel file handles (`name_to_handle_at(2)`, `open_by_handle_at(2)`): an inode's identity that
+//! holds no descriptor, valid as long as the inode exists (its generation is part of it, so a
+//! reused inode number does not match an old handle).
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use rustix::fs::OFlags;
+
+/// `MAX_HANDLE_SZ` of the kernel.
+const MAX_HANDLE_SZ: usize = 128;
+
+/// Bytes kept inline (ext4 needs 8, xfs 8 or 16, tmpfs 12, btrfs 20); longer ones go to the heap.
+const INLINE: usize = 22;
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Bytes {
+    Inline { len: u8, data: [u8; INLINE] },
+    Heap(Box<[u8]>),
+}
+
+/// A file handle of the backing filesystem: 32 bytes, with no allocation for handles of up to
+/// 22 bytes.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct FileHandle {
+    kind: i32,
+    bytes: Bytes,
+}
+
+impl std::fmt::Debug for FileHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FileHandle({}:", self.kind)?;
+        for b in self.bytes() {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// `struct file_handle` with room for the largest handle.
+#[repr(C)]
+struct RawHandle {
+    handle_bytes: libc::c_uint,
+    handle_type: libc::c_int,
+    f_handle: [u8; MAX_HANDLE_SZ],
+}
+
+impl FileHandle {
+    /// The handle of the inode `fd` refers to (any descriptor, `O_PATH` included).
+    pub fn of_fd(fd: BorrowedFd<'_>) -> io::Result<FileHandle> {
+        Self::at(fd, c"", libc::AT_EMPTY_PATH)
+    }
+
+    /// The handle of the entry `name` of directory `dir`, not following a symlink there.
+    pub fn of_entry(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<FileHandle> {
+        Self::at(dir, name, 0)
+    }
+
+    fn at(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> io::Result<FileHandle> {
+        let mut raw = RawHandle {
+            handle_bytes: MAX_HANDLE_SZ as libc::c_uint,
+            handle_type: 0,
+            f_handle: [0; MAX_HANDLE_SZ],
+        };
+        let mut mount_id: libc::c_int = 0;
+        // SAFETY: `raw` is a `struct file_handle` whose `handle_bytes` says how much room follows
+        // it (MAX_HANDLE_SZ bytes, all owned by `raw`); `name` is NUL-terminated; `mount_id` is a
+        // writable int. The kernel writes within those bounds only.
+        let rc = unsafe {
+            libc::name_to_handle_at(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                (&raw mut raw).cast::<libc::file_handle>(),
+                &mut mount_id,
+                flags,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let len = (raw.handle_bytes as usize).min(MAX_HANDLE_SZ);
+        Ok(FileHandle::from_parts(
+            raw.handle_type,
+            &raw.f_handle[..len],
+        ))
+    }
+
+    /// A handle from its type and bytes (as [`FileHandle::kind`] and [`FileHandle::bytes`] give).
+    pub fn from_parts(kind: i32, bytes: &[u8]) -> FileHandle {
+        let bytes = if bytes.len() <= INLINE {
+            let mut data = [0; INLINE];
+            data[..bytes.len()].copy_from_slice(bytes);
+            Bytes::Inline {
+                // At most INLINE (22) here.
+                len: bytes.len() as u8,
+                data,
+            }
+        } else {
+            Bytes::Heap(bytes.into())
+        };
+        FileHandle { kind, bytes }
+    }
+
+    /// The handle type (filesystem specific).
+    pub fn kind(&self) -> i32 {
+        self.kind
+    }
+
+    /// The opaque bytes.
+    pub fn bytes(&self) -> &[u8] {
+        match &self.bytes {
+            Bytes::Inline { len, data } => &data[..usize::from(*len)],
+            Bytes::Heap(b) => b,
+        }
+    }
+
+    /// Opens the inode with `flags` (`O_PATH`, `O_RDWR`...; `O_CLOEXEC` is added); `mount` is any
+    /// descriptor on the same filesystem, but not an `O_PATH` one (the kernel refuses those:
+    /// `EBADF`). Needs `CAP_DAC_READ_SEARCH`. `ESTALE` when the inode no longer exists.
+    pub fn open(&self, mount: BorrowedFd<'_>, flags: OFlags) -> io::Result<OwnedFd> {
+        let bytes = self.bytes();
+        let mut raw = RawHandle {
+            handle_bytes: bytes.len() as libc::c_uint,
+            handle_type: self.kind,
+            f_handle: [0; MAX_HANDLE_SZ],
+        };
+        raw.f_handle[..bytes.len()].copy_from_slice(bytes);
+        let flags = (flags | OFlags::CLOEXEC).bits() as libc::c_int;
+        // SAFETY: `raw` is a valid `struct file_handle` of `handle_bytes` bytes that the kernel
+        // only reads; `mount` is an open descriptor.
+        let fd = unsafe {
+            libc::open_by_handle_at(
+                mount.as_raw_fd(),
+                (&raw mut raw).cast::<libc::file_handle>(),
+                flags,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: open_by_handle_at returned a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn a_handle_reopens_its_inode_and_not_a_new_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = rustix::fs::open(dir.path(), OFlags::RDONLY | OFlags::DIRECTORY, 0.into())
+            .expect("open root");
+        std::fs::write(dir.path().join("f"), b"one").expect("write");
+        let h = FileHandle::of_entry(root.as_fd(), c"f").expect("handle");
+        let st = rustix::fs::stat(dir.path().join("f")).expect("stat");
+        let fd = h
+            .open(root.as_fd(), OFlags::RDONLY)
+            .expect("open by handle");
+        let again = rustix::fs::fstat(&fd).expect("fstat");
+        assert_eq!((again.st_dev, again.st_ino), (st.st_dev, st.st_ino));
+        let same = FileHandle::of_fd(fd.as_fd()).expect("handle of fd");
+        assert_eq!(same, h);
+        assert_eq!(FileHandle::from_parts(h.kind(), h.bytes()), h);
+        drop(fd);
+        std::fs::remove_file(dir.path().join("f")).expect("remove");
+        std::fs::write(dir.path().join("g"), b"two").expect("write");
+        let err = h
+            .open(root.as_fd(), OFlags::PATH)
+            .expect_err("the old inode is gone");
+        assert_eq!(err.raw_os_error(), Some(libc::ESTALE));
+    }
+
+    #[test]
+    fn long_handles_go_to_the_heap() {
+        let bytes: Vec<u8> = (0..40).collect();
+        let h = FileHandle::from_parts(7, &bytes);
+        assert_eq!(h.bytes(), &bytes[..]);
+        assert!(std::mem::size_of::<FileHandle>() <= 32);
+    }
+}
