@@ -30,10 +30,11 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// A slot holding `fd` (an inode opened before it was known), pinned `pinned` times.
-    pub fn with(fd: OwnedFd, pinned: bool) -> Slot {
+    /// A slot holding `fd` (an inode opened before it was known), pinned or not. A slot filled
+    /// here is not counted by any cache: use it for descriptors kept for the owner's lifetime.
+    pub fn with(fd: Arc<OwnedFd>, pinned: bool) -> Slot {
         Slot {
-            fd: Mutex::new(Some(Arc::new(fd))),
+            fd: Mutex::new(Some(fd)),
             referenced: AtomicBool::new(true),
             pins: AtomicU32::new(u32::from(pinned)),
         }
@@ -108,7 +109,7 @@ pub struct CacheStats {
     pub open: usize,
     /// Lookups that found the slot filled.
     pub hits: usize,
-    /// Lookups that opened a descriptor.
+    /// Lookups that opened a descriptor (not counting [`FdCache::insert`]).
     pub misses: usize,
     /// Slots emptied to stay within the capacity.
     pub evictions: usize,
@@ -141,12 +142,24 @@ impl FdCache {
             return Ok(fd);
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
-        let fresh = Arc::new(open()?);
+        Ok(self.insert(owner, index, open()?))
+    }
+
+    /// Keeps `fd`, just opened for `owner` (a lookup's), in its slot `index`, unless the slot is
+    /// filled already; returns the slot's descriptor.
+    pub fn insert<T: Slots + 'static>(
+        &self,
+        owner: &Arc<T>,
+        index: u8,
+        fd: OwnedFd,
+    ) -> Arc<OwnedFd> {
+        let slot = owner.slot(index);
+        let fresh = Arc::new(fd);
         {
             let mut current = lock(&slot.fd);
             if let Some(fd) = current.as_ref() {
                 // Another thread filled it meanwhile: use theirs, close ours.
-                return Ok(fd.clone());
+                return fd.clone();
             }
             *current = Some(fresh.clone());
         }
@@ -158,7 +171,7 @@ impl FdCache {
         if open > self.capacity {
             self.evict(&mut ring, open - self.capacity);
         }
-        Ok(fresh)
+        fresh
     }
 
     /// Empties `n` slots (or fewer, when every slot is pinned or used since the last pass).

@@ -20,7 +20,7 @@ use fuser::{
 use rustix::fs::{AtFlags, Mode as RMode, OFlags};
 
 use crate::exclude::Exclusions;
-use crate::inode::{Inode, InodeTable, OpenState, ROOT};
+use crate::inode::{CACHED_DESCRIPTORS, Inode, InodeTable, OpenState, ROOT};
 use crate::mutation::{
     Attr, EntryRef, FileId, Mutation, NodeRef, Op, Outcome, Owner, SyncMode, Timestamp,
 };
@@ -59,6 +59,8 @@ struct FileHandleState {
     /// Keeps the inode's backing id registered while this passthrough handle is open.
     _backing: Option<Arc<BackingId>>,
     sync: SyncMode,
+    /// Whether this handle pinned the inode's descriptor (see [`InodeTable::pin`]).
+    pinned: bool,
 }
 
 struct DirHandle {
@@ -105,7 +107,7 @@ impl Shared {
         stack_depth: u32,
     ) -> Shared {
         Shared {
-            table: InodeTable::new(root_fd, root_stat),
+            table: InodeTable::new(root_fd, root_stat, CACHED_DESCRIPTORS),
             handles: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -137,12 +139,16 @@ impl Shared {
     pub(crate) fn stats(&self) -> Stats {
         let submitted = self.submitted.load(Ordering::Relaxed);
         let completed = self.completed.load(Ordering::Relaxed);
+        let cache = self.table.cache_stats();
         Stats {
             mutations: submitted,
             in_flight: submitted.saturating_sub(completed),
             replication_errors: self.replication_errors.load(Ordering::Relaxed),
             inodes: self.table.len(),
             open_files: lock(&self.handles).len(),
+            cached_descriptors: cache.open,
+            cached_descriptors_max: cache.capacity,
+            reopened: cache.misses,
         }
     }
 
@@ -198,7 +204,8 @@ impl Shared {
             let same = self
                 .table
                 .get(parent)
-                .and_then(|p| sys::stat_at(p.fd.as_fd(), &name).ok())
+                .and_then(|p| self.fd(&p).ok())
+                .and_then(|p| sys::stat_at(p.as_fd(), &name).ok())
                 .is_some_and(|st| sys::file_id(&st) == inode.id);
             if !same {
                 self.table.clear_link_if(inode.nodeid, parent, &name);
@@ -207,12 +214,18 @@ impl Shared {
     }
 
     /// Drops `n` kernel references of a node; when its entry goes, tells the replicator
-    /// ([`Replicator::forget`]) before the backing descriptor is closed.
+    /// ([`Replicator::forget`]), unless a newer inode reused its identity meanwhile.
     pub(crate) fn forget_node(&self, nodeid: u64, n: u64) {
-        if let Some(inode) = self.table.forget(nodeid, n) {
+        if let Some((inode, current)) = self.table.forget(nodeid, n)
+            && current
+        {
             self.replicator.forget(inode.id);
-            drop(inode);
         }
+    }
+
+    /// An `O_PATH` descriptor of the inode (see [`InodeTable::fd`]).
+    fn fd(&self, inode: &Arc<Inode>) -> Result<Arc<OwnedFd>, Errno> {
+        self.table.fd(inode).map_err(|e| errno(&e))
     }
 
     // ---------------------------------------------------------------- identification helpers
@@ -277,8 +290,12 @@ impl Shared {
         lock(&self.dirs).get(&fh.0).cloned().ok_or(Errno::EBADF)
     }
 
-    fn lookup_child(&self, parent: &Inode, name: &OsStr) -> Result<(Arc<Inode>, FileAttr), Errno> {
-        let fd = sys::open_path_at(parent.fd.as_fd(), name).map_err(|e| errno(&e))?;
+    fn lookup_child(
+        &self,
+        parent: &Arc<Inode>,
+        name: &OsStr,
+    ) -> Result<(Arc<Inode>, FileAttr), Errno> {
+        let fd = sys::open_path_at(self.fd(parent)?.as_fd(), name).map_err(|e| errno(&e))?;
         let st = sys::stat_fd(fd.as_fd()).map_err(|e| errno(&e))?;
         let inode = self.table.remember(fd, &st, parent.nodeid, name);
         self.note_exclusion(&inode);
@@ -286,30 +303,33 @@ impl Shared {
         Ok((inode, attr))
     }
 
-    fn getattr_of(&self, inode: &Inode) -> Result<FileAttr, Errno> {
-        let st = sys::stat_fd(inode.fd.as_fd()).map_err(|e| errno(&e))?;
+    fn getattr_of(&self, inode: &Arc<Inode>) -> Result<FileAttr, Errno> {
+        let st = sys::stat_fd(self.fd(inode)?.as_fd()).map_err(|e| errno(&e))?;
         Ok(sys::fuse_attr(&st, inode.nodeid))
     }
 
-    fn attr_now(&self, inode: &Inode) -> Option<Attr> {
-        sys::stat_fd(inode.fd.as_fd())
-            .ok()
-            .map(|st| sys::attr_of(&st))
+    fn attr_now(&self, inode: &Arc<Inode>) -> Option<Attr> {
+        let fd = self.fd(inode).ok()?;
+        sys::stat_fd(fd.as_fd()).ok().map(|st| sys::attr_of(&st))
     }
 
-    fn xattr_path(&self, inode: &Inode) -> Result<XattrPath, Errno> {
+    /// Where xattr calls reach the inode, with the descriptor the path names (keep it while
+    /// the path is used).
+    fn xattr_path(&self, inode: &Arc<Inode>) -> Result<(XattrPath, Arc<OwnedFd>), Errno> {
         if inode.kind == fuser::FileType::Symlink {
             let (parent, name) = self.table.link_of(inode.nodeid).ok_or(Errno::EOPNOTSUPP)?;
             let parent = self.table.get(parent).ok_or(Errno::EOPNOTSUPP)?;
-            let path = sys::proc_entry_path(parent.fd.as_fd(), &name).map_err(|e| errno(&e))?;
-            Ok(XattrPath::NoFollow(path))
+            let fd = self.fd(&parent)?;
+            let path = sys::proc_entry_path(fd.as_fd(), &name).map_err(|e| errno(&e))?;
+            Ok((XattrPath::NoFollow(path), fd))
         } else {
-            Ok(XattrPath::Follow(sys::proc_path(inode.fd.as_fd())))
+            let fd = self.fd(inode)?;
+            Ok((XattrPath::Follow(sys::proc_path(fd.as_fd())), fd))
         }
     }
 
-    fn owner_for(&self, req: &Request, parent: &Inode) -> Result<Owner, Errno> {
-        let st = sys::stat_fd(parent.fd.as_fd()).map_err(|e| errno(&e))?;
+    fn owner_for(&self, req: &Request, parent: &Arc<Inode>) -> Result<Owner, Errno> {
+        let st = sys::stat_fd(self.fd(parent)?.as_fd()).map_err(|e| errno(&e))?;
         let gid = if st.st_mode & libc::S_ISGID != 0 {
             st.st_gid
         } else {
@@ -321,7 +341,9 @@ impl Shared {
         })
     }
 
-    fn insert_handle(&self, h: FileHandleState) -> u64 {
+    /// Registers an open file; its inode's descriptor stays open (pinned) until it is released.
+    fn insert_handle(&self, mut h: FileHandleState) -> u64 {
+        h.pinned = self.table.pin(&h.inode).is_ok();
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.handles).insert(fh, Arc::new(h));
         fh
@@ -331,6 +353,9 @@ impl Shared {
         let Some(h) = lock(&self.handles).remove(&fh) else {
             return;
         };
+        if h.pinned {
+            self.table.unpin(&h.inode);
+        }
         let mut st = lock(&h.inode.open);
         match h.kind {
             HandleKind::Passthrough => {
@@ -486,7 +511,8 @@ impl Shared {
         ids.iter()
             .filter_map(|id| self.table.nodeid_of(*id))
             .filter_map(|nodeid| self.table.get(nodeid))
-            .filter_map(|inode| sys::stat_fd(inode.fd.as_fd()).ok())
+            .filter_map(|inode| self.fd(&inode).ok())
+            .filter_map(|fd| sys::stat_fd(fd.as_fd()).ok())
             .map(|st| sys::attr_of(&st))
             .collect()
     }
@@ -540,7 +566,8 @@ impl Shared {
                 Ok((replicate, op))
             },
             move || {
-                let dir = p2.fd.as_fd();
+                let dir = this.fd(&p2)?;
+                let dir = dir.as_fd();
                 let (umask, mode) = match new {
                     NewNode::Dir { mode, umask } | NewNode::Special { mode, umask, .. } => {
                         (if dont_mask { umask } else { 0 }, mode)
@@ -936,7 +963,8 @@ impl Filesystem for Fs {
                 ))
             },
             || {
-                let fd = inode.fd.as_fd();
+                let fd = s.fd(&inode)?;
+                let fd = fd.as_fd();
                 if let Some(size) = size {
                     match &handle {
                         Some(h) => rustix::fs::ftruncate(&h.file, size).map_err(rerr)?,
@@ -975,7 +1003,11 @@ impl Filesystem for Fs {
             Ok(i) => i,
             Err(e) => return reply.error(e),
         };
-        match rustix::fs::readlinkat(&inode.fd, c"", Vec::new()) {
+        let fd = match s.fd(&inode) {
+            Ok(fd) => fd,
+            Err(e) => return reply.error(e),
+        };
+        match rustix::fs::readlinkat(&*fd, c"", Vec::new()) {
             Ok(target) => reply.data(target.as_bytes()),
             Err(e) => reply.error(rerr(e)),
         }
@@ -1056,10 +1088,11 @@ impl Filesystem for Fs {
             || {
                 let from = s.entry_ref(&p, name);
                 let to = s.entry_ref(&np, newname);
-                let moved = sys::stat_at(p.fd.as_fd(), name)
+                let (pfd, npfd) = (s.fd(&p)?, s.fd(&np)?);
+                let moved = sys::stat_at(pfd.as_fd(), name)
                     .ok()
                     .map(|st| sys::file_id(&st));
-                let replaced = sys::stat_at(np.fd.as_fd(), newname)
+                let replaced = sys::stat_at(npfd.as_fd(), newname)
                     .ok()
                     .map(|st| sys::file_id(&st));
                 *lock(&ids) = (moved, replaced);
@@ -1076,10 +1109,11 @@ impl Filesystem for Fs {
                 ))
             },
             || {
+                let (pfd, npfd) = (s.fd(&p)?, s.fd(&np)?);
                 rustix::fs::renameat_with(
-                    &p.fd,
+                    &*pfd,
                     name,
-                    &np.fd,
+                    &*npfd,
                     newname,
                     rustix::fs::RenameFlags::from_bits_retain(flags.bits()),
                 )
@@ -1104,7 +1138,7 @@ impl Filesystem for Fs {
                 }
                 // RENAME_WHITEOUT leaves a new inode at the source: its attributes (times).
                 let whiteout = if flags.contains(RenameFlags::RENAME_WHITEOUT) {
-                    sys::stat_at(p.fd.as_fd(), name)
+                    sys::stat_at(pfd.as_fd(), name)
                         .ok()
                         .map(|st| sys::attr_of(&st))
                 } else {
@@ -1143,10 +1177,11 @@ impl Filesystem for Fs {
                 Ok((replicate, Op::Link { node, new }))
             },
             || {
-                rustix::fs::linkat(&inode.fd, c"", &np.fd, newname, AtFlags::EMPTY_PATH)
+                let (fd, npfd) = (s.fd(&inode)?, s.fd(&np)?);
+                rustix::fs::linkat(&*fd, c"", &*npfd, newname, AtFlags::EMPTY_PATH)
                     .map_err(rerr)?;
                 // A new lookup reference for the same inode, under its new name.
-                let fd = sys::open_path_at(np.fd.as_fd(), newname).map_err(|e| errno(&e))?;
+                let fd = sys::open_path_at(npfd.as_fd(), newname).map_err(|e| errno(&e))?;
                 let st = sys::stat_fd(fd.as_fd()).map_err(|e| errno(&e))?;
                 let known = s.table.remember(fd, &st, np.nodeid, newname);
                 s.note_exclusion(&known);
@@ -1177,9 +1212,11 @@ impl Filesystem for Fs {
         if writable && mode == Mode::Secondary {
             return reply.error(Errno::EROFS);
         }
-        let file = match sys::reopen(inode.fd.as_fd(), backing_flags(flags.0, writable)) {
+        let file = match s.fd(&inode).and_then(|fd| {
+            sys::reopen(fd.as_fd(), backing_flags(flags.0, writable)).map_err(|e| errno(&e))
+        }) {
             Ok(f) => f,
-            Err(e) => return reply.error(errno(&e)),
+            Err(e) => return reply.error(e),
         };
         let (kind, fopen, backing) =
             s.open_policy(&inode, mode, writable, &file, |f| reply.open_backing(f));
@@ -1189,6 +1226,7 @@ impl Filesystem for Fs {
             kind,
             _backing: backing.clone(),
             sync: sync_mode(flags.0),
+            pinned: false,
         });
         match backing {
             Some(b) => reply.opened_passthrough(FileHandle(fh), fopen, &b),
@@ -1348,9 +1386,12 @@ impl Filesystem for Fs {
             Ok(i) => i,
             Err(e) => return reply.error(e),
         };
-        let fd = match sys::open_dir(inode.fd.as_fd()) {
+        let fd = match s
+            .fd(&inode)
+            .and_then(|fd| sys::open_dir(fd.as_fd()).map_err(|e| errno(&e)))
+        {
             Ok(fd) => fd,
-            Err(e) => return reply.error(errno(&e)),
+            Err(e) => return reply.error(e),
         };
         let fh = s.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&s.dirs).insert(
@@ -1470,7 +1511,7 @@ impl Filesystem for Fs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let s = &self.0;
-        match rustix::fs::fstatvfs(&s.table.root().fd) {
+        match rustix::fs::fstatvfs(s.table.root_fd()) {
             Ok(v) => reply.statfs(
                 v.f_blocks,
                 v.f_bfree,
@@ -1518,7 +1559,7 @@ impl Filesystem for Fs {
                 ))
             },
             || {
-                let path = s.xattr_path(&inode)?;
+                let (path, _fd) = s.xattr_path(&inode)?;
                 sys::xattr_set(&path, name, value, flags).map_err(|e| errno(&e))?;
                 Ok(Applied {
                     value: (),
@@ -1531,7 +1572,7 @@ impl Filesystem for Fs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let s = &self.0;
-        let path = match s.inode(ino).and_then(|i| s.xattr_path(&i)) {
+        let (path, _fd) = match s.inode(ino).and_then(|i| s.xattr_path(&i)) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
@@ -1550,7 +1591,7 @@ impl Filesystem for Fs {
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let s = &self.0;
-        let path = match s.inode(ino).and_then(|i| s.xattr_path(&i)) {
+        let (path, _fd) = match s.inode(ino).and_then(|i| s.xattr_path(&i)) {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
@@ -1589,7 +1630,7 @@ impl Filesystem for Fs {
                 ))
             },
             || {
-                let path = s.xattr_path(&inode)?;
+                let (path, _fd) = s.xattr_path(&inode)?;
                 sys::xattr_remove(&path, name).map_err(|e| errno(&e))?;
                 Ok(Applied {
                     value: (),
@@ -1650,8 +1691,9 @@ impl Filesystem for Fs {
                 // parent locked; an existing file here was made behind our back.
                 let oflags =
                     backing_flags(flags, true) | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW;
+                let pfd = s.fd(&p)?;
                 let (res, own_umask) = sys::with_umask(umask, || {
-                    rustix::fs::openat(&p.fd, name, oflags, RMode::from_raw_mode(mode & 0o7777))
+                    rustix::fs::openat(&*pfd, name, oflags, RMode::from_raw_mode(mode & 0o7777))
                 });
                 let file = res.map_err(rerr)?;
                 if !own_umask {
@@ -1659,7 +1701,7 @@ impl Filesystem for Fs {
                         .map_err(rerr)?;
                 }
                 s.give_owner(&file, owner)?;
-                let opath = sys::open_path_at(p.fd.as_fd(), name).map_err(|e| errno(&e))?;
+                let opath = sys::open_path_at(pfd.as_fd(), name).map_err(|e| errno(&e))?;
                 let st = sys::stat_fd(opath.as_fd()).map_err(|e| errno(&e))?;
                 let inode = s.table.remember(opath, &st, p.nodeid, name);
                 s.note_exclusion(&inode);
@@ -1675,6 +1717,7 @@ impl Filesystem for Fs {
                     kind,
                     _backing: backing.clone(),
                     sync: sync_mode(flags),
+                    pinned: false,
                 });
                 Ok(Applied {
                     value: CreateOk {
@@ -1791,7 +1834,7 @@ fn remove(s: &Arc<Shared>, parent: INodeNo, name: &OsStr, dir: bool, reply: Repl
         || {
             let entry = s.entry_ref(&p, name);
             let replicate = !entry.excluded;
-            let id = sys::stat_at(p.fd.as_fd(), name)
+            let id = sys::stat_at(s.fd(&p)?.as_fd(), name)
                 .ok()
                 .map(|st| sys::file_id(&st));
             *lock(&target) = id;
@@ -1808,7 +1851,7 @@ fn remove(s: &Arc<Shared>, parent: INodeNo, name: &OsStr, dir: bool, reply: Repl
             } else {
                 AtFlags::empty()
             };
-            rustix::fs::unlinkat(&p.fd, name, flags).map_err(rerr)?;
+            rustix::fs::unlinkat(&*s.fd(&p)?, name, flags).map_err(rerr)?;
             if let Some(n) = lock(&target).and_then(|id| s.table.nodeid_of(id)) {
                 s.table.clear_link_if(n, p.nodeid, name);
             }

@@ -1,27 +1,37 @@
-//! The inode table: FUSE node ids to backing `O_PATH` descriptors.
+//! The inode table: FUSE node ids to backing inodes.
 //!
-//! Every inode the kernel knows (it looked it up and has not forgotten it) has one entry holding
-//! an `O_PATH` descriptor of the backing inode. Entries are keyed both by node id and by backing
-//! `(st_dev, st_ino)`, so two hard links of one file are one FUSE inode. The node id is the
-//! backing `st_ino` itself when the inode is on the backing directory's filesystem (so `stat`
-//! through the mount shows the real inode numbers and hard links stay recognisable); inodes of
-//! other filesystems mounted below the directory get synthetic ids with the top bit set. Since the
-//! descriptor keeps the backing inode alive, its number cannot be reused while the entry exists;
-//! once the kernel forgets it and the entry goes, a new file may get the same number, and then a
-//! new generation.
+//! Every inode the kernel knows (it looked it up and has not forgotten it) has one entry. It
+//! identifies the backing inode by its kernel file handle (`tandem_backing::FileHandle`), which
+//! holds no descriptor: an `O_PATH` descriptor is opened from the handle when an operation needs
+//! one and kept in the entry's slot of a bounded cache ([`FdCache`]), so the descriptors of the
+//! process stay few however many inodes the kernel knows. Inodes whose filesystem has no file
+//! handles, and those of other filesystems mounted below the directory, keep their descriptor
+//! for as long as the entry lives (pinned), as the root does. An inode with open files keeps its
+//! descriptor pinned while they are open (the application's descriptors bound those).
+//!
+//! Entries are keyed both by node id and by backing `(st_dev, st_ino)`, so two hard links of one
+//! file are one FUSE inode. The node id is the backing `st_ino` itself when the inode is on the
+//! backing directory's filesystem (so `stat` through the mount shows the real inode numbers and
+//! hard links stay recognisable); inodes of other filesystems mounted below the directory get
+//! synthetic ids with the top bit set. Since no descriptor keeps a backing inode alive, its
+//! number may be reused by a new file while the kernel still knows the old node (deleted
+//! meanwhile): the file handles differ (they carry the generation), and the new inode gets an
+//! entry of its own with a synthetic node id; the old one only waits for its forget.
 //!
 //! The table also remembers, for each node, the last `(parent, name)` under which the kernel
 //! reached it: the source of [`crate::NodeRef::path`] and of exclusion decisions.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::os::fd::OwnedFd;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use fuser::{BackingId, FileType};
-use rustix::fs::Stat;
+use rustix::fs::{OFlags, Stat};
+use tandem_backing::{CacheStats, FdCache, FileHandle, Slot, Slots};
 
 use crate::lock;
 use crate::mutation::FileId;
@@ -54,8 +64,10 @@ pub(crate) struct Inode {
     pub(crate) generation: u64,
     pub(crate) id: FileId,
     pub(crate) kind: FileType,
-    /// `O_PATH` descriptor of the backing inode.
-    pub(crate) fd: OwnedFd,
+    /// The backing inode's file handle; `None`: its descriptor is pinned in `slot`.
+    handle: Option<FileHandle>,
+    /// Where an open `O_PATH` descriptor of the backing inode is kept (see [`InodeTable::fd`]).
+    slot: Slot,
     /// Serialises the submit and the local apply of mutations of this inode.
     pub(crate) order: Mutex<()>,
     /// Open handles (passthrough policy).
@@ -65,6 +77,12 @@ pub(crate) struct Inode {
     pub(crate) excluded: AtomicBool,
     /// When the file was last synced through the mount (flush-behind, see [`crate::writeback`]).
     pub(crate) syncs: SyncHistory,
+}
+
+impl Slots for Inode {
+    fn slot(&self, _: u8) -> &Slot {
+        &self.slot
+    }
 }
 
 struct Entry {
@@ -80,24 +98,45 @@ struct Tables {
     links: HashMap<u64, (u64, OsString)>,
 }
 
+/// Open `O_PATH` descriptors kept for inodes without open files, at most.
+pub(crate) const CACHED_DESCRIPTORS: usize = 256;
+
 /// The table.
 pub(crate) struct InodeTable {
     inner: Mutex<Tables>,
     root: Arc<Inode>,
+    /// The root's `O_PATH` descriptor (also in its slot, pinned).
+    root_fd: Arc<OwnedFd>,
     root_dev: u64,
+    /// A descriptor of the root that `open_by_handle_at` accepts (not `O_PATH`); `None` when the
+    /// backing filesystem has no file handles (every entry then pins its descriptor).
+    mount: Option<OwnedFd>,
+    cache: FdCache,
     next_generation: AtomicU64,
     next_synthetic: AtomicU64,
 }
 
 impl InodeTable {
-    /// A table holding only the root, given its `O_PATH` descriptor.
-    pub(crate) fn new(root_fd: OwnedFd, st: &Stat) -> InodeTable {
+    /// A table holding only the root, given its `O_PATH` descriptor, keeping at most `cached`
+    /// descriptors of other inodes open.
+    pub(crate) fn new(root_fd: OwnedFd, st: &Stat, cached: usize) -> InodeTable {
+        let mount = sys::open_dir(root_fd.as_fd())
+            .and_then(|dir| FileHandle::of_fd(dir.as_fd()).map(|_| dir))
+            .inspect_err(|e| {
+                tracing::warn!(
+                    "the backing filesystem gives no file handles ({e}): every inode the kernel \
+                     knows keeps a descriptor open"
+                );
+            })
+            .ok();
+        let root_fd = Arc::new(root_fd);
         let root = Arc::new(Inode {
             nodeid: ROOT,
             generation: 0,
             id: sys::file_id(st),
             kind: FileType::Directory,
-            fd: root_fd,
+            handle: None,
+            slot: Slot::with(root_fd.clone(), true),
             order: Mutex::new(()),
             open: Mutex::new(OpenState::default()),
             excluded: AtomicBool::new(false),
@@ -115,14 +154,51 @@ impl InodeTable {
         InodeTable {
             inner: Mutex::new(tables),
             root,
+            root_fd,
             root_dev: st.st_dev,
+            mount,
+            cache: FdCache::new(cached),
             next_generation: AtomicU64::new(1),
             next_synthetic: AtomicU64::new(1),
         }
     }
 
-    pub(crate) fn root(&self) -> &Arc<Inode> {
-        &self.root
+    /// An `O_PATH` descriptor of the inode's backing inode: from its slot, else reopened from
+    /// its file handle (`ESTALE` when the backing inode no longer exists). Hold it only for the
+    /// operation at hand.
+    pub(crate) fn fd(&self, inode: &Arc<Inode>) -> io::Result<Arc<OwnedFd>> {
+        match (&inode.handle, &self.mount) {
+            (Some(handle), Some(mount)) => self.cache.get(inode, 0, || {
+                handle.open(mount.as_fd(), OFlags::PATH | OFlags::NOFOLLOW)
+            }),
+            _ => inode
+                .slot
+                .get()
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE)),
+        }
+    }
+
+    /// Keeps the inode's descriptor open until [`InodeTable::unpin`] (while it has open files:
+    /// a file unlinked while open cannot always be reopened from its handle).
+    pub(crate) fn pin(&self, inode: &Arc<Inode>) -> io::Result<()> {
+        let _fd = self.fd(inode)?;
+        inode.slot.pin();
+        Ok(())
+    }
+
+    /// Undoes one [`InodeTable::pin`].
+    pub(crate) fn unpin(&self, inode: &Inode) {
+        inode.slot.unpin();
+    }
+
+    /// The descriptor cache's counters.
+    pub(crate) fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    /// The root's `O_PATH` descriptor.
+    pub(crate) fn root_fd(&self) -> BorrowedFd<'_> {
+        self.root_fd.as_fd()
     }
 
     pub(crate) fn get(&self, nodeid: u64) -> Option<Arc<Inode>> {
@@ -145,19 +221,31 @@ impl InodeTable {
     }
 
     /// Records one more kernel reference to the inode `fd`/`st` reached as `name` in `parent`,
-    /// creating the entry if needed (then it keeps `fd`). Returns the entry.
+    /// creating the entry if needed (then `fd` goes to its slot). Returns the entry.
     pub(crate) fn remember(&self, fd: OwnedFd, st: &Stat, parent: u64, name: &OsStr) -> Arc<Inode> {
         let id = sys::file_id(st);
+        // Only for an inode of the backing filesystem (the mount descriptor opens no other).
+        let handle = match &self.mount {
+            Some(_) if st.st_dev == self.root_dev => FileHandle::of_fd(fd.as_fd()).ok(),
+            _ => None,
+        };
         let mut t = lock(&self.inner);
         if let Some(&nodeid) = t.by_id.get(&id) {
             if nodeid == ROOT {
                 return self.root.clone();
             }
-            t.links.insert(nodeid, (parent, name.to_owned()));
-            if let Some(entry) = t.by_node.get_mut(&nodeid) {
+            if let Some(entry) = t.by_node.get_mut(&nodeid)
+                && (handle.is_none()
+                    || entry.inode.handle.is_none()
+                    || entry.inode.handle == handle)
+            {
                 entry.lookups += 1;
-                return entry.inode.clone();
+                let inode = entry.inode.clone();
+                t.links.insert(nodeid, (parent, name.to_owned()));
+                return inode;
             }
+            // The number of a deleted inode the kernel still knows, reused by a new file: the
+            // old entry keeps its node id until its forget, the new one gets its own.
         }
         let nodeid = if st.st_dev == self.root_dev
             && st.st_ino != ROOT
@@ -169,12 +257,17 @@ impl InodeTable {
         } else {
             SYNTHETIC | self.next_synthetic.fetch_add(1, Ordering::Relaxed)
         };
+        let (slot, cached) = match handle {
+            None => (Slot::with(Arc::new(fd), true), None),
+            Some(_) => (Slot::default(), Some(fd)),
+        };
         let inode = Arc::new(Inode {
             nodeid,
             generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
             id,
             kind: sys::file_type(st.st_mode),
-            fd,
+            handle,
+            slot,
             order: Mutex::new(()),
             open: Mutex::new(OpenState::default()),
             excluded: AtomicBool::new(false),
@@ -189,13 +282,18 @@ impl InodeTable {
             },
         );
         t.links.insert(nodeid, (parent, name.to_owned()));
+        drop(t);
+        if let Some(fd) = cached {
+            // The descriptor the lookup opened serves the operations that follow it.
+            self.cache.insert(&inode, 0, fd);
+        }
         inode
     }
 
-    /// The kernel dropped `n` references. Returns the inode when this removed its entry (the
-    /// caller tells the replicator before dropping it, so that its backing inode number cannot
-    /// be reused before the replicator heard of the forget).
-    pub(crate) fn forget(&self, nodeid: u64, n: u64) -> Option<Arc<Inode>> {
+    /// The kernel dropped `n` references. Returns the inode when this removed its entry, and
+    /// whether its identity still named it (and not a newer inode that reused its number: then
+    /// the replicator must not hear of a forget).
+    pub(crate) fn forget(&self, nodeid: u64, n: u64) -> Option<(Arc<Inode>, bool)> {
         if nodeid == ROOT {
             return None;
         }
@@ -208,9 +306,14 @@ impl InodeTable {
             None => false,
         };
         if gone && let Some(entry) = t.by_node.remove(&nodeid) {
-            t.by_id.remove(&entry.inode.id);
+            let current = t.by_id.get(&entry.inode.id) == Some(&nodeid);
+            if current {
+                t.by_id.remove(&entry.inode.id);
+            }
             t.links.remove(&nodeid);
-            return Some(entry.inode);
+            drop(t);
+            self.cache.close(&*entry.inode, 0);
+            return Some((entry.inode, current));
         }
         None
     }

@@ -8,8 +8,13 @@
 //!
 //! # Identification
 //!
-//! The table maps the primary's [`FileId`] of a file to a handle of the local file (an `O_PATH`
-//! descriptor, plus a lazily opened read-write descriptor for regular files). A mutation's target
+//! The table maps the primary's [`FileId`] of a file to the local file: its kernel file handle,
+//! from which an `O_PATH` descriptor and, for regular files, a read-write one are opened when a
+//! mutation needs them and kept in a bounded cache ([`FdCache`]), so the descriptors of the
+//! applier stay few however many files the table holds. A file unlinked here while the primary
+//! may still use it keeps its descriptor (pinned) until the primary forgets it: nothing else
+//! keeps its inode alive. On a filesystem without file handles every entry keeps its descriptor.
+//! A mutation's target
 //! is looked up in the table first; on a miss it is resolved by its root-relative path and added.
 //! New inodes are added under the primary's identity when the primary's outcome arrives
 //! ([`Applier::apply_outcome`]: the identity is in its attributes). Before a name disappears
@@ -42,6 +47,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rustix::fs::{AtFlags, FallocateFlags, Mode, OFlags, RenameFlags};
+use tandem_backing::{CacheStats, FdCache, FileHandle, Slot, Slots};
 use tandem_fs::writeback::{self, SyncHistory};
 use tandem_fs::{EntryRef, FileId, Mutation, NodeRef, Op, Outcome, Owner, SyncMode};
 
@@ -78,46 +84,37 @@ pub struct Divergence {
 
 /// One file of the table.
 struct Node {
-    /// `O_PATH` descriptor of the local inode.
-    fd: OwnedFd,
+    /// The local inode's file handle; `None`: its `O_PATH` descriptor is pinned in `path`.
+    handle: Option<FileHandle>,
+    /// Where its `O_PATH` descriptor is kept (slot [`PATH`]).
+    path: Slot,
+    /// Where the read-write descriptor of a regular file is kept (slot [`FILE`]).
+    file: Slot,
     /// `st_mode & S_IFMT`.
     kind: u32,
-    /// Read-write descriptor of a regular file, opened at the first data operation.
-    file: Mutex<Option<Arc<OwnedFd>>>,
     /// Highest `seq` whose primary times were copied to this inode.
     times_seq: AtomicU64,
     /// When the file was last synced here (flush-behind, see [`tandem_fs::writeback`]).
     syncs: SyncHistory,
 }
 
-impl Node {
-    fn new(fd: OwnedFd) -> io::Result<Arc<Node>> {
-        let st = sys::stat_fd(fd.as_fd())?;
-        Ok(Arc::new(Node {
-            fd,
-            kind: st.st_mode & libc::S_IFMT,
-            file: Mutex::new(None),
-            times_seq: AtomicU64::new(0),
-            syncs: SyncHistory::new(),
-        }))
-    }
+/// The slot of a node's `O_PATH` descriptor.
+const PATH: u8 = 0;
+/// The slot of a regular file's read-write descriptor.
+const FILE: u8 = 1;
 
-    /// The read-write descriptor of a regular file.
-    fn file(&self) -> io::Result<Arc<OwnedFd>> {
-        match self.kind {
-            libc::S_IFREG => {}
-            libc::S_IFDIR => return Err(os(libc::EISDIR)),
-            _ => return Err(os(libc::EINVAL)),
+impl Slots for Node {
+    fn slot(&self, index: u8) -> &Slot {
+        if index == PATH {
+            &self.path
+        } else {
+            &self.file
         }
-        let mut file = lock(&self.file);
-        if let Some(f) = file.as_ref() {
-            return Ok(f.clone());
-        }
-        let f = Arc::new(sys::reopen(self.fd.as_fd(), OFlags::RDWR)?);
-        *file = Some(f.clone());
-        Ok(f)
     }
 }
+
+/// Descriptors the applier keeps open for the files of its table, at most (besides pinned ones).
+pub const CACHED_DESCRIPTORS: usize = 256;
 
 /// What the primary's outcome of a mutation is compared with.
 struct Pending {
@@ -145,6 +142,12 @@ struct Effects {
 /// Applies mutations to a backing directory. See the module documentation.
 pub struct Applier {
     root: OwnedFd,
+    /// A descriptor of the root that `open_by_handle_at` accepts (not `O_PATH`); `None` when the
+    /// filesystem has no file handles.
+    mount: Option<OwnedFd>,
+    /// Its `st_dev`: only its inodes are reopened from handles.
+    dev: u64,
+    cache: FdCache,
     table: Mutex<HashMap<FileId, Arc<Node>>>,
     pending: Mutex<BTreeMap<u64, Pending>>,
     /// Writes to recently synced files whose writeback [`Applier::start_writebacks`] starts.
@@ -175,8 +178,26 @@ impl Applier {
     /// An applier writing below `root`, a descriptor of the backing directory (`O_PATH |
     /// O_DIRECTORY` is enough).
     pub fn new(root: OwnedFd) -> Applier {
+        Self::with_cache(root, CACHED_DESCRIPTORS)
+    }
+
+    /// [`Applier::new`] keeping at most `cached` descriptors open for the files of its table.
+    pub fn with_cache(root: OwnedFd, cached: usize) -> Applier {
+        let mount = sys::open_dir(root.as_fd())
+            .and_then(|dir| FileHandle::of_fd(dir.as_fd()).map(|_| dir))
+            .inspect_err(|e| {
+                tracing::warn!(
+                    "the backing filesystem gives no file handles ({e}): the applier keeps a \
+                     descriptor open for every file it knows"
+                );
+            })
+            .ok();
+        let dev = sys::stat_fd(root.as_fd()).map(|st| st.st_dev).unwrap_or(0);
         Applier {
             root,
+            mount,
+            dev,
+            cache: FdCache::new(cached),
             table: Mutex::new(HashMap::new()),
             pending: Mutex::new(BTreeMap::new()),
             behind: Mutex::new(Vec::new()),
@@ -201,6 +222,59 @@ impl Applier {
     /// Number of files in the table.
     pub fn table_len(&self) -> usize {
         lock(&self.table).len()
+    }
+
+    /// The descriptor cache's counters.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    /// A node for the inode `fd` (an `O_PATH` descriptor) refers to.
+    fn new_node(&self, fd: OwnedFd) -> io::Result<Arc<Node>> {
+        let st = sys::stat_fd(fd.as_fd())?;
+        let handle = match &self.mount {
+            Some(_) if st.st_dev == self.dev => FileHandle::of_fd(fd.as_fd()).ok(),
+            _ => None,
+        };
+        let (path, cached) = match handle {
+            None => (Slot::with(Arc::new(fd), true), None),
+            Some(_) => (Slot::default(), Some(fd)),
+        };
+        let node = Arc::new(Node {
+            handle,
+            path,
+            file: Slot::default(),
+            kind: st.st_mode & libc::S_IFMT,
+            times_seq: AtomicU64::new(0),
+            syncs: SyncHistory::new(),
+        });
+        if let Some(fd) = cached {
+            self.cache.insert(&node, PATH, fd);
+        }
+        Ok(node)
+    }
+
+    /// The `O_PATH` descriptor of a node (kept open while the caller holds it).
+    fn path_fd(&self, node: &Arc<Node>) -> io::Result<Arc<OwnedFd>> {
+        match (&node.handle, &self.mount) {
+            (Some(handle), Some(mount)) => self.cache.get(node, PATH, || {
+                handle.open(mount.as_fd(), OFlags::PATH | OFlags::NOFOLLOW)
+            }),
+            _ => node.path.get().ok_or_else(|| os(libc::ESTALE)),
+        }
+    }
+
+    /// The read-write descriptor of a regular file.
+    fn file(&self, node: &Arc<Node>) -> io::Result<Arc<OwnedFd>> {
+        match node.kind {
+            libc::S_IFREG => {}
+            libc::S_IFDIR => return Err(os(libc::EISDIR)),
+            _ => return Err(os(libc::EINVAL)),
+        }
+        self.cache.get(node, FILE, || {
+            let path = self.path_fd(node)?;
+            sys::reopen(path.as_fd(), OFlags::RDWR)
+        })
     }
 
     /// Number of mutations waiting for the primary's outcome.
@@ -252,7 +326,7 @@ impl Applier {
     pub fn write_ahead(&self, node: &NodeRef, offset: u64, data: &[u8]) -> Result<usize, i32> {
         let f = self
             .node(node)
-            .and_then(|n| n.file())
+            .and_then(|n| self.file(&n))
             .map_err(|e| sys::errno(&e))?;
         match sys::pwrite_all(f.as_fd(), data, offset) {
             (0, Some(e)) => Err(sys::errno(&e)),
@@ -295,11 +369,9 @@ impl Applier {
             if let Some(node) = node
                 && node.kind == libc::S_IFDIR
                 && node.times_seq.fetch_max(seq, Ordering::AcqRel) < seq
-                && let Err(e) = sys::set_times(
-                    node.fd.as_fd(),
-                    Some(dir.atime.into()),
-                    Some(dir.mtime.into()),
-                )
+                && let Err(e) = self.path_fd(&node).and_then(|fd| {
+                    sys::set_times(fd.as_fd(), Some(dir.atime.into()), Some(dir.mtime.into()))
+                })
             {
                 return Err(diverged(Some(format!(
                     "directory times not copied: errno {e}"
@@ -313,11 +385,9 @@ impl Applier {
             lock(&self.table).insert(attr.id, node.clone());
         }
         if node.times_seq.fetch_max(seq, Ordering::AcqRel) < seq
-            && let Err(e) = sys::set_times(
-                node.fd.as_fd(),
-                Some(attr.atime.into()),
-                Some(attr.mtime.into()),
-            )
+            && let Err(e) = self.path_fd(node).and_then(|fd| {
+                sys::set_times(fd.as_fd(), Some(attr.atime.into()), Some(attr.mtime.into()))
+            })
         {
             return Err(diverged(Some(format!("times not copied: errno {e}"))));
         }
@@ -335,7 +405,7 @@ impl Applier {
         behind.len()
     }
 
-    /// The primary no longer names the inode `id`: drops its handle.
+    /// The primary no longer names the inode `id`: drops its entry (and its descriptors).
     pub fn forget(&self, id: FileId) {
         lock(&self.table).remove(&id);
     }
@@ -348,7 +418,7 @@ impl Applier {
             return Ok(n.clone());
         }
         let path = r.path.as_deref().ok_or_else(|| os(libc::ESTALE))?;
-        let node = Node::new(sys::open_path_beneath(self.root.as_fd(), path)?)?;
+        let node = self.new_node(sys::open_path_beneath(self.root.as_fd(), path)?)?;
         Ok(lock(&self.table).entry(r.id).or_insert(node).clone())
     }
 
@@ -370,14 +440,26 @@ impl Applier {
     }
 
     /// Adds the inode at `name` in `dir` to the table under `id` (when not there yet), before the
-    /// name goes: it may be open on the primary and still be written.
-    fn keep(&self, dir: &Node, name: &OsStr, id: Option<FileId>) {
+    /// name goes, and pins its descriptor until the primary forgets it: it may be open on the
+    /// primary and still be written, and nothing else keeps it alive here once unlinked.
+    fn keep(&self, dir: &Arc<Node>, name: &OsStr, id: Option<FileId>) {
         let Some(id) = id else { return };
-        if lock(&self.table).contains_key(&id) {
-            return;
-        }
-        if let Ok(node) = sys::open_path_at(dir.fd.as_fd(), name).and_then(Node::new) {
-            lock(&self.table).entry(id).or_insert(node);
+        let known = lock(&self.table).get(&id).cloned();
+        let node = match known {
+            Some(node) => node,
+            None => {
+                let Ok(node) = self
+                    .path_fd(dir)
+                    .and_then(|d| sys::open_path_at(d.as_fd(), name))
+                    .and_then(|fd| self.new_node(fd))
+                else {
+                    return;
+                };
+                lock(&self.table).entry(id).or_insert(node).clone()
+            }
+        };
+        if !node.path.is_pinned() && self.path_fd(&node).is_ok() {
+            node.path.pin();
         }
     }
 
@@ -395,7 +477,7 @@ impl Applier {
             } => {
                 let n = self.node(node)?;
                 fx.target = Some(n.clone());
-                let f = n.file()?;
+                let f = self.file(&n)?;
                 let skip = fx.preapplied.min(data.len());
                 let (rest, err) =
                     sys::pwrite_all(f.as_fd(), &data[skip..], offset.saturating_add(skip as u64));
@@ -445,7 +527,7 @@ impl Applier {
             } => {
                 let n = self.node(node)?;
                 fx.target = Some(n.clone());
-                let f = n.file()?;
+                let f = self.file(&n)?;
                 rustix::fs::fallocate(
                     &*f,
                     FallocateFlags::from_bits_retain(*mode as _),
@@ -469,22 +551,23 @@ impl Applier {
                 fx.target = Some(n.clone());
                 if let Some(size) = size {
                     let f = match n.kind {
-                        libc::S_IFREG => n.file()?,
-                        _ => Arc::new(sys::reopen(n.fd.as_fd(), OFlags::WRONLY)?),
+                        libc::S_IFREG => self.file(&n)?,
+                        _ => Arc::new(sys::reopen(self.path_fd(&n)?.as_fd(), OFlags::WRONLY)?),
                     };
                     rustix::fs::ftruncate(&*f, *size).map_err(io::Error::from)?;
                 }
+                let fd = self.path_fd(&n)?;
                 if uid.is_some() || gid.is_some() {
-                    sys::set_owner(n.fd.as_fd(), *uid, *gid)?;
+                    sys::set_owner(fd.as_fd(), *uid, *gid)?;
                 }
                 if let Some(mode) = mode {
                     if n.kind == libc::S_IFLNK {
                         return Err(os(libc::EOPNOTSUPP));
                     }
-                    sys::set_mode(n.fd.as_fd(), *mode)?;
+                    sys::set_mode(fd.as_fd(), *mode)?;
                 }
                 if atime.is_some() || mtime.is_some() {
-                    sys::set_times(n.fd.as_fd(), atime.map(Into::into), mtime.map(Into::into))?;
+                    sys::set_times(fd.as_fd(), atime.map(Into::into), mtime.map(Into::into))?;
                 }
                 Ok(())
             }
@@ -503,8 +586,9 @@ impl Applier {
                     | OFlags::NOFOLLOW
                     | OFlags::CLOEXEC
                     | OFlags::NOCTTY;
+                let dfd = self.path_fd(&dir)?;
                 let (res, own_umask) = sys::with_umask(*umask, || {
-                    rustix::fs::openat(&dir.fd, name, flags, Mode::from_raw_mode(mode & 0o7777))
+                    rustix::fs::openat(&*dfd, name, flags, Mode::from_raw_mode(mode & 0o7777))
                 });
                 let file = res.map_err(io::Error::from)?;
                 if !own_umask {
@@ -512,8 +596,8 @@ impl Applier {
                         .map_err(io::Error::from)?;
                 }
                 give_owner(file.as_fd(), *owner)?;
-                let node = Node::new(sys::open_path_at(dir.fd.as_fd(), name)?)?;
-                *lock(&node.file) = Some(Arc::new(file));
+                let node = self.new_node(sys::open_path_at(dfd.as_fd(), name)?)?;
+                self.cache.insert(&node, FILE, file);
                 fx.target = Some(node);
                 fx.created = true;
                 Ok(())
@@ -556,20 +640,28 @@ impl Applier {
             Op::Link { node, new } => {
                 let n = self.node(node)?;
                 let (dir, name) = self.entry(new)?;
-                rustix::fs::linkat(&n.fd, c"", &dir.fd, name, AtFlags::EMPTY_PATH)
-                    .map_err(io::Error::from)?;
+                rustix::fs::linkat(
+                    &*self.path_fd(&n)?,
+                    c"",
+                    &*self.path_fd(&dir)?,
+                    name,
+                    AtFlags::EMPTY_PATH,
+                )
+                .map_err(io::Error::from)?;
                 fx.target = Some(n);
                 Ok(())
             }
             Op::Unlink { entry, target } => {
                 let (dir, name) = self.entry(entry)?;
                 self.keep(&dir, name, *target);
-                rustix::fs::unlinkat(&dir.fd, name, AtFlags::empty()).map_err(io::Error::from)
+                rustix::fs::unlinkat(&*self.path_fd(&dir)?, name, AtFlags::empty())
+                    .map_err(io::Error::from)
             }
             Op::Rmdir { entry, target } => {
                 let (dir, name) = self.entry(entry)?;
                 self.keep(&dir, name, *target);
-                rustix::fs::unlinkat(&dir.fd, name, AtFlags::REMOVEDIR).map_err(io::Error::from)
+                rustix::fs::unlinkat(&*self.path_fd(&dir)?, name, AtFlags::REMOVEDIR)
+                    .map_err(io::Error::from)
             }
             Op::Rename {
                 from,
@@ -588,11 +680,12 @@ impl Applier {
                 self.keep(&fdir, fname, *moved);
                 self.keep(&tdir, tname, *replaced);
                 let flags = RenameFlags::from_bits_retain(*flags);
-                rustix::fs::renameat_with(&fdir.fd, fname, &tdir.fd, tname, flags)
+                let (ffd, tfd) = (self.path_fd(&fdir)?, self.path_fd(&tdir)?);
+                rustix::fs::renameat_with(&*ffd, fname, &*tfd, tname, flags)
                     .map_err(io::Error::from)?;
                 if flags.contains(RenameFlags::WHITEOUT) {
                     // The whiteout is a new inode: the outcome carries its times.
-                    fx.target = Some(Node::new(sys::open_path_at(fdir.fd.as_fd(), fname)?)?);
+                    fx.target = Some(self.new_node(sys::open_path_at(ffd.as_fd(), fname)?)?);
                     fx.created = true;
                 }
                 Ok(())
@@ -616,7 +709,7 @@ impl Applier {
                 let n = self.node(node)?;
                 match n.kind {
                     libc::S_IFREG => {
-                        let f = n.file()?;
+                        let f = self.file(&n)?;
                         if *datasync {
                             rustix::fs::fdatasync(&*f).map_err(io::Error::from)?;
                         } else {
@@ -628,7 +721,10 @@ impl Applier {
                     libc::S_IFDIR => {
                         // A directory's entries and the files renamed or created in it may
                         // have been applied in any directory: flush the filesystem.
-                        let d = sys::reopen(n.fd.as_fd(), OFlags::RDONLY | OFlags::DIRECTORY)?;
+                        let d = sys::reopen(
+                            self.path_fd(&n)?.as_fd(),
+                            OFlags::RDONLY | OFlags::DIRECTORY,
+                        )?;
                         rustix::fs::syncfs(&d).map_err(io::Error::from)
                     }
                     _ => Err(os(libc::EINVAL)),
@@ -650,14 +746,15 @@ impl Applier {
     ) -> io::Result<()> {
         let (dir, name) = self.entry(entry)?;
         let symlink = mode & libc::S_IFMT == libc::S_IFLNK;
-        let (res, own_umask) = sys::with_umask(umask, || make(dir.fd.as_fd(), name));
+        let dfd = self.path_fd(&dir)?;
+        let (res, own_umask) = sys::with_umask(umask, || make(dfd.as_fd(), name));
         res.map_err(io::Error::from)?;
-        let fd = sys::open_path_at(dir.fd.as_fd(), name)?;
+        let fd = sys::open_path_at(dfd.as_fd(), name)?;
         if !own_umask && !symlink {
             sys::set_mode(fd.as_fd(), mode & !umask)?;
         }
         give_owner(fd.as_fd(), owner)?;
-        fx.target = Some(Node::new(fd)?);
+        fx.target = Some(self.new_node(fd)?);
         fx.created = true;
         Ok(())
     }
@@ -667,11 +764,12 @@ impl Applier {
     fn with_xattr_path(
         &self,
         r: &NodeRef,
-        n: &Node,
+        n: &Arc<Node>,
         f: impl FnOnce(&XattrPath) -> io::Result<()>,
     ) -> io::Result<()> {
         if n.kind != libc::S_IFLNK {
-            return f(&XattrPath::Follow(sys::proc_path(n.fd.as_fd())));
+            let fd = self.path_fd(n)?;
+            return f(&XattrPath::Follow(sys::proc_path(fd.as_fd())));
         }
         let path = r.path.as_deref().ok_or_else(|| os(libc::EOPNOTSUPP))?;
         let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
@@ -681,7 +779,7 @@ impl Applier {
         // The name must still be this symlink.
         let st =
             rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(io::Error::from)?;
-        let own = sys::stat_fd(n.fd.as_fd())?;
+        let own = sys::stat_fd(self.path_fd(n)?.as_fd())?;
         if (st.st_dev, st.st_ino) != (own.st_dev, own.st_ino) {
             return Err(os(libc::EOPNOTSUPP));
         }
