@@ -114,6 +114,7 @@ struct Driver {
 
 /// Runs the daemon until SIGTERM/SIGINT (modules are stopped first) or a fatal error.
 pub async fn run(options: DaemonOptions) -> Result<()> {
+    let nofile = crate::limits::raise();
     let config = Arc::new(options.config);
     let node_name = resolve_node_name(&config, options.node.as_deref())?;
     let settings = config
@@ -151,6 +152,13 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
             "no witness configured: if the nodes lose each other while both run, both may \
              become primary (split brain); configure a witness",
         );
+        match &nofile {
+            Ok(limits) => module_logs.write(tandem_scripts::Level::Info, &limits.describe()),
+            Err(e) => module_logs.write(
+                tandem_scripts::Level::Warn,
+                &format!("cannot raise the descriptor limit: {e}"),
+            ),
+        }
     }
 
     let origin = boottime_nanos();
@@ -307,10 +315,13 @@ pub async fn run(options: DaemonOptions) -> Result<()> {
         .iter()
         .zip(logs.iter())
         .map(|(module, module_logs)| {
-            ScriptRunner::new(
-                script_env(&config, module, &node_name, &peer.name),
-                module_logs.app.clone(),
-            )
+            let mut env = script_env(&config, module, &node_name, &peer.name);
+            env.nofile = nofile
+                .as_ref()
+                .ok()
+                .filter(|l| l.original != l.soft)
+                .map(|l| l.original);
+            ScriptRunner::new(env, module_logs.app.clone())
         })
         .collect();
 
@@ -1021,6 +1032,7 @@ pub(crate) fn script_env(
     ScriptEnv {
         scripts_dir: module.scripts_dir.clone(),
         vars,
+        nofile: None,
     }
 }
 

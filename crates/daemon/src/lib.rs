@@ -4,6 +4,7 @@
 mod api;
 mod driver;
 pub mod guard;
+mod limits;
 mod persist;
 mod replication;
 

@@ -81,6 +81,9 @@ pub struct ScriptEnv {
     /// Variables added to the daemon's environment (`TANDEM_MODULE`, `TANDEM_NODE`,
     /// `TANDEM_STATE`, ...), supplied by the caller.
     pub vars: Vec<(String, String)>,
+    /// The soft descriptor limit scripts (and the application they start) run with, when it
+    /// differs from the caller's: the daemon raises its own for itself only.
+    pub nofile: Option<u64>,
 }
 
 /// How a script run ended.
@@ -254,6 +257,27 @@ impl ScriptRunner {
             .stderr(self.output())
             .process_group(0)
             .kill_on_drop(true);
+        if let Some(soft) = self.env.nofile {
+            // SAFETY: the closure runs in the child between fork and exec and makes two
+            // async-signal-safe system calls on a value copied in before the fork; it allocates
+            // nothing and touches no lock.
+            unsafe {
+                command.pre_exec(move || {
+                    let mut current = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut current) == 0 {
+                        let lowered = libc::rlimit {
+                            rlim_cur: soft.min(current.rlim_max),
+                            rlim_max: current.rlim_max,
+                        };
+                        libc::setrlimit(libc::RLIMIT_NOFILE, &lowered);
+                    }
+                    Ok(())
+                });
+            }
+        }
 
         let aborts_before = self.lock().aborts;
         self.log(name, &format!("start: {}", request.args.join(" ")));

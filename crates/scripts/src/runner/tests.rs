@@ -27,6 +27,7 @@ impl Fixture {
                 ("TANDEM_MODULE".to_owned(), "web".to_owned()),
                 ("TANDEM_STATE".to_owned(), "WAIT".to_owned()),
             ],
+            nofile: None,
         };
         let app_log = AppLog::open(dir.path().join("log/app.log")).unwrap();
         Fixture {
@@ -428,4 +429,23 @@ async fn dropping_the_run_future_kills_the_process_group() {
         fx.app_log()
             .contains("[start_prim] run cancelled: SIGKILL to process group")
     );
+}
+
+/// Scripts start with the descriptor limit the daemon was started with, not the one it raised
+/// for itself (an application using `select(2)` breaks past 1,024 descriptors).
+#[tokio::test]
+async fn scripts_get_the_descriptor_limit_they_are_given() {
+    let mut fx = Fixture::new();
+    fx.runner = ScriptRunner::new(
+        ScriptEnv {
+            nofile: Some(512),
+            ..fx.runner.env().clone()
+        },
+        fx.runner.app_log().clone(),
+    );
+    let out = fx.file("nofile");
+    fx.script("start_prim", &format!("ulimit -n > {}", out.display()));
+    let report = fx.runner.run(request("start_prim", &[], LONG)).await;
+    assert!(report.outcome.is_success(), "{report:?}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), "512");
 }
