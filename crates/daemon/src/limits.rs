@@ -73,7 +73,10 @@ mod tests {
         let before = get().expect("getrlimit");
         let nofile = raise().expect("raise");
         assert_eq!(nofile.original, before.rlim_cur);
-        assert_eq!((nofile.soft, nofile.hard), (before.rlim_max, before.rlim_max));
+        assert_eq!(
+            (nofile.soft, nofile.hard),
+            (before.rlim_max, before.rlim_max)
+        );
         assert!(nofile.describe().contains(&nofile.soft.to_string()));
     }
 }

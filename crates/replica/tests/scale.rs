@@ -25,6 +25,18 @@ fn path(root: &Path, i: usize) -> PathBuf {
     root.join(format!("d{}", i % DIRS)).join(format!("f{i}"))
 }
 
+/// Resident memory of this process, in bytes.
+fn resident() -> usize {
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let kib: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
 fn open_descriptors() -> usize {
     fs::read_dir("/proc/self/fd").unwrap().count()
 }
@@ -53,6 +65,7 @@ fn descriptors_stay_bounded_while_100000_inodes_are_known() {
         }
     }
     let before = open_descriptors();
+    let memory_before = resident();
     let rep = Arc::new(LoopbackReplicator::open(&b).unwrap());
     let options = MountOptions {
         mode: Mode::Primary,
@@ -84,8 +97,10 @@ fn descriptors_stay_bounded_while_100000_inodes_are_known() {
     rep.flush();
     let stats = mount().stats();
     let cache = rep.applier().cache_stats();
+    let per_inode = resident().saturating_sub(memory_before) / stats.inodes.max(1);
     eprintln!(
         "{FILES} files: peak {peak} descriptors (before the mount {before}, bound {bound}); \
+         {per_inode} bytes of resident memory per inode (mount and applier tables together); \
          mount {stats:?}; applier table {} files, cache {cache:?}",
         rep.applier().table_len()
     );

@@ -41,6 +41,9 @@ pub struct ClusterSpec {
     pub vip_last: u8,
     /// Timeout of graceful stop scripts (the forced call has the same).
     pub stop_timeout: String,
+    /// Descriptor limit (soft and hard, `prlimit --nofile=N:N`) the daemons start with;
+    /// `None`: inherited.
+    pub nofile: Option<u64>,
 }
 
 impl ClusterSpec {
@@ -56,6 +59,7 @@ impl ClusterSpec {
             timeout: "2s".into(),
             vip_last: 100,
             stop_timeout: "20s".into(),
+            nofile: None,
         }
     }
 }
@@ -71,6 +75,8 @@ pub struct Cluster {
     pub vip: Ipv4Addr,
     /// Replicated directories.
     pub replicated: Vec<PathBuf>,
+    /// See [`ClusterSpec::nofile`].
+    pub nofile: Option<u64>,
 }
 
 impl Cluster {
@@ -85,6 +91,7 @@ impl Cluster {
             binary: binary.to_owned(),
             vip,
             replicated: spec.replicated.clone(),
+            nofile: spec.nofile,
         };
         for node in NODES {
             cluster.prepare_node(node, spec, &secret)?;
@@ -118,6 +125,7 @@ impl Cluster {
             binary: binary.to_owned(),
             vip,
             replicated,
+            nofile: None,
         })
     }
 
@@ -209,7 +217,17 @@ impl Cluster {
     /// Starts a node's daemon and waits until its control API answers.
     pub fn start_daemon(&self, node: &str) -> Result<u32> {
         let dir = self.node_dir(node)?;
-        let mut command = std::process::Command::new(&self.binary);
+        let mut command = match self.nofile {
+            Some(n) => {
+                let mut prlimit = std::process::Command::new("prlimit");
+                prlimit
+                    .arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(&self.binary);
+                prlimit
+            }
+            None => std::process::Command::new(&self.binary),
+        };
         command
             .arg("--config")
             .arg(self.config_path(node)?)
