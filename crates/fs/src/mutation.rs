@@ -7,8 +7,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Identity of a file or directory in the backing directory of *this* node: `(st_dev, st_ino)`.
 ///
-/// Stable while the mount holds the inode (it keeps an `O_PATH` descriptor of every inode the
-/// kernel knows), so it identifies hard links as one file. It means nothing on the other node.
+/// It identifies hard links as one file. An inode number can be reused once its inode is gone
+/// (no descriptor keeps inodes alive): the mount gives a new inode that reuses the number of one
+/// the kernel still knows a node of its own, and does not tell the replicator to forget an
+/// identity a newer inode holds. It means nothing on the other node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FileId {
     /// `st_dev` of the backing inode.
