@@ -4,7 +4,8 @@
 //! each of 100,000 files is looked up, changed (`chmod`, replicated: the applier resolves it and
 //! keeps it in its table) and read back through the mount, while the process's open descriptors
 //! are sampled. Before file handles, each inode the kernel knew held one descriptor in the mount
-//! and one or two in the applier. Needs root and /dev/fuse.
+//! and one or two in the applier. Then the kernel drops its caches: its forgets shrink the
+//! mount's table and, through the primary's `Forget`s, the applier's. Needs root and /dev/fuse.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -118,6 +119,23 @@ fn descriptors_stay_bounded_while_100000_inodes_are_known() {
         "the caches were exercised"
     );
 
+    // The kernel forgets (cache drop): the mount's table shrinks, and with the primary's
+    // forgets, the applier's.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        rep.flush();
+        let (inodes, table) = (mount().stats().inodes, rep.applier().table_len());
+        if inodes < FILES / 10 && table < FILES / 10 {
+            eprintln!("after the kernel forgot: mount {inodes} inodes, applier {table} files");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tables did not shrink: mount {inodes} inodes, applier {table} files"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     guard.0.take().unwrap().unmount().unwrap();
     assert!(
         rep.divergences().is_empty(),
