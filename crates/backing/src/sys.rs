@@ -20,6 +20,45 @@ pub fn errno(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
 }
 
+/// An errno as an operator reads it: its message and name, and for the errors of an exhausted
+/// resource, which resource (`Too many open files (EMFILE: the process has used its descriptor
+/// limit, RLIMIT_NOFILE)`).
+pub fn describe_errno(errno: i32) -> String {
+    let message = io::Error::from_raw_os_error(errno).to_string();
+    let message = message
+        .strip_suffix(&format!(" (os error {errno})"))
+        .unwrap_or(&message)
+        .to_owned();
+    let (name, resource) = match errno {
+        libc::EMFILE => (
+            "EMFILE",
+            Some("the process has used its descriptor limit, RLIMIT_NOFILE"),
+        ),
+        libc::ENFILE => (
+            "ENFILE",
+            Some("the system's open-file table is full, fs.file-max"),
+        ),
+        libc::ENOMEM => ("ENOMEM", Some("out of memory")),
+        libc::ENOSPC => ("ENOSPC", Some("no space or inodes left on the filesystem")),
+        libc::EDQUOT => ("EDQUOT", Some("a disk quota is used up")),
+        libc::EIO => ("EIO", None),
+        _ => ("", None),
+    };
+    match (name, resource) {
+        ("", _) => format!("{message} (errno {errno})"),
+        (name, None) => format!("{message} ({name})"),
+        (name, Some(resource)) => format!("{message} ({name}: {resource})"),
+    }
+}
+
+/// Whether `errno` says a resource is exhausted (descriptors, memory, space, quota).
+pub fn is_resource_error(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOSPC | libc::EDQUOT
+    )
+}
+
 /// `/proc/self/fd/N` for a descriptor we hold.
 pub fn proc_path(fd: BorrowedFd<'_>) -> CString {
     // A decimal number never contains a NUL byte.
@@ -364,6 +403,18 @@ pub fn with_umask<T>(umask: u32, f: impl FnOnce() -> T) -> (T, bool) {
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    #[test]
+    fn errnos_name_their_resource() {
+        assert_eq!(
+            describe_errno(libc::EMFILE),
+            "Too many open files (EMFILE: the process has used its descriptor limit, \
+             RLIMIT_NOFILE)"
+        );
+        assert!(describe_errno(libc::ENOSPC).contains("space"));
+        assert!(describe_errno(libc::ENOENT).ends_with("(errno 2)"));
+        assert!(is_resource_error(libc::ENFILE) && !is_resource_error(libc::ENOENT));
+    }
 
     #[test]
     fn names_and_paths_are_validated() {

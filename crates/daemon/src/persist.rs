@@ -2,11 +2,23 @@
 //!
 //! Each record is a small file replaced atomically (write to a temporary file, fsync, rename,
 //! fsync the directory), so a crash leaves either the old or the new record.
+//!
+//! Persisting must work when the process is at its descriptor limit (a failed persist stops the
+//! daemon): the modules directory stays open, and the next record's temporary file is opened
+//! ahead (an anonymous `O_TMPFILE` file, given its name only when it is written), so a record
+//! write needs no new descriptor. After each write the reserve is taken again at once (in the
+//! slot the write just freed, unless another thread took it meanwhile: then the next write opens
+//! its file on demand).
 
+use std::ffi::OsStr;
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use rustix::fs::{AtFlags, Mode, OFlags};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -36,19 +48,91 @@ fn claim_from(text: &str) -> Option<Claim> {
 }
 
 /// Where the records live.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct StateDir {
     root: PathBuf,
+    /// `<root>/modules`, open for the `*at` calls and the fsync of a record write.
+    modules: OwnedFd,
+    /// The next record's temporary file, opened ahead (see the module documentation).
+    reserve: Mutex<Option<OwnedFd>>,
 }
 
 impl StateDir {
     /// Opens (and creates) the state directory.
     pub fn open(root: &Path) -> Result<StateDir> {
-        fs::create_dir_all(root.join("modules"))
+        let modules = root.join("modules");
+        fs::create_dir_all(&modules)
             .with_context(|| format!("cannot create the state directory {}", root.display()))?;
-        Ok(StateDir {
+        let fd = rustix::fs::open(
+            &modules,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .with_context(|| format!("cannot open {}", modules.display()))?;
+        let state = StateDir {
             root: root.to_owned(),
-        })
+            modules: fd,
+            reserve: Mutex::new(None),
+        };
+        *state.reserve() = state.anonymous_file().ok();
+        Ok(state)
+    }
+
+    fn reserve(&self) -> std::sync::MutexGuard<'_, Option<OwnedFd>> {
+        // The slot holds a descriptor or nothing: consistent at every step.
+        self.reserve.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A new anonymous file in the modules directory (`O_TMPFILE`).
+    fn anonymous_file(&self) -> io::Result<OwnedFd> {
+        Ok(rustix::fs::openat(
+            &self.modules,
+            ".",
+            OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?)
+    }
+
+    /// Writes `bytes` as the module file `name`, atomically and durably, through the reserved
+    /// temporary file when there is one.
+    fn write_record(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let reserved = self.reserve().take();
+        let Some(file) = reserved.or_else(|| self.anonymous_file().ok()) else {
+            // No O_TMPFILE here (or no descriptor left): a named temporary file.
+            return write_atomically(&self.root.join("modules").join(name), bytes);
+        };
+        let temporary = format!("{name}.tmp");
+        let context = || format!("cannot write the state record {name}");
+        let mut writer = File::from(file);
+        writer.write_all(bytes).with_context(context)?;
+        writer.sync_all().with_context(context)?;
+        match rustix::fs::unlinkat(&self.modules, temporary.as_str(), AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(io::Error::from(e)).with_context(context),
+        }
+        rustix::fs::linkat(
+            writer.as_fd(),
+            "",
+            &self.modules,
+            temporary.as_str(),
+            AtFlags::EMPTY_PATH,
+        )
+        .map_err(io::Error::from)
+        .with_context(context)?;
+        rustix::fs::renameat(
+            &self.modules,
+            OsStr::new(&temporary),
+            &self.modules,
+            OsStr::new(name),
+        )
+        .map_err(io::Error::from)
+        .with_context(context)?;
+        rustix::fs::fsync(&self.modules)
+            .map_err(io::Error::from)
+            .with_context(context)?;
+        drop(writer);
+        *self.reserve() = self.anonymous_file().ok();
+        Ok(())
     }
 
     fn record_path(&self, module: &str) -> PathBuf {
@@ -101,7 +185,7 @@ impl StateDir {
             held: record.held,
         };
         let text = serde_json::to_string_pretty(&file).context("cannot encode a state record")?;
-        write_atomically(&self.record_path(module), text.as_bytes())
+        self.write_record(&format!("{module}.json"), text.as_bytes())
     }
 
     /// The next incarnation: strictly greater than every earlier one of this node, persisted
@@ -175,6 +259,75 @@ mod tests {
         assert!(second > first);
         fs::write(dir.path().join("incarnation"), (u64::MAX / 2).to_string()).unwrap();
         assert!(state.next_incarnation().unwrap() > u64::MAX / 2);
+    }
+
+    fn record(epoch: u64) -> Persisted {
+        Persisted {
+            claim: Claim::Exclusive,
+            epoch,
+            ..Persisted::default()
+        }
+    }
+
+    /// Run by `records_are_stored_at_the_descriptor_limit` in a child process: uses up every
+    /// descriptor this process may open, then stores records.
+    #[test]
+    #[ignore = "helper: run by another test in a child process"]
+    fn store_at_the_descriptor_limit_child() {
+        let dir = std::env::var("TANDEM_PERSIST_CHILD_DIR")
+            .expect("run by records_are_stored_at_the_descriptor_limit");
+        let state = StateDir::open(Path::new(&dir)).unwrap();
+        state.store("demo", &record(1)).unwrap();
+        let open = fs::read_dir("/proc/self/fd").unwrap().count() as u64;
+        let limit = libc::rlimit {
+            rlim_cur: open + 16,
+            rlim_max: open + 16,
+        };
+        // SAFETY: setrlimit reads one valid `rlimit`; this process is the test's child alone.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+        let mut fillers = Vec::new();
+        let full = loop {
+            match File::open("/dev/null") {
+                Ok(file) => fillers.push(file),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(full.raw_os_error(), Some(libc::EMFILE), "{full}");
+        for epoch in 2..=4 {
+            state.store("demo", &record(epoch)).unwrap();
+        }
+        drop(fillers);
+        assert_eq!(state.load("demo").unwrap(), record(4));
+    }
+
+    #[test]
+    fn records_are_stored_at_the_descriptor_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "persist::tests::store_at_the_descriptor_limit_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("TANDEM_PERSIST_CHILD_DIR", dir.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let state = StateDir::open(dir.path()).unwrap();
+        assert_eq!(state.load("demo").unwrap(), record(4));
+        // No temporary file is left.
+        let names: Vec<_> = fs::read_dir(dir.path().join("modules"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["demo.json"]);
     }
 
     #[test]

@@ -173,9 +173,10 @@ fn verdict(state: &mut State, seq: u64) -> Verdict {
     };
     match local {
         None => Verdict::Diverged(format!(
-            "the secondary failed {} (seq {seq}, errno {remote}) that succeeded here: its copy \
-             no longer matches",
-            p.kind
+            "the secondary failed {} (seq {seq}) that succeeded here: {}; its copy no longer \
+             matches",
+            p.kind,
+            crate::sys::describe_errno(remote)
         )),
         Some(_) => match state.pending.remove(&seq) {
             Some(p) => {

@@ -346,7 +346,17 @@ fn serve_loop(
             }
             Err(e) => break Some(format!("undecodable frame: {e}")),
         };
-        sequencer.push(item, &mut |seq, (), _kind, result: Result<(), i32>| {
+        sequencer.push(item, &mut |seq, (), kind, result: Result<(), i32>| {
+            if let Err(errno) = result
+                && crate::sys::is_resource_error(errno)
+            {
+                tracing::error!(
+                    seq,
+                    kind,
+                    "applying a mutation failed: {}",
+                    crate::sys::describe_errno(errno)
+                );
+            }
             if broken || target.diverged() {
                 return;
             }
