@@ -25,7 +25,7 @@ use crate::mutation::{
     Attr, EntryRef, FileId, Mutation, NodeRef, Op, Outcome, Owner, SyncMode, Timestamp,
 };
 use crate::replicator::{Completion, RemoteDone, ReplicationError, Replicator};
-use crate::sys::{self, DirEnt, XattrPath};
+use crate::sys::{self, DirReader, XattrPath};
 use crate::writeback;
 use crate::{Mode, Negotiated, Stats, lock, read, write};
 
@@ -66,7 +66,8 @@ struct FileHandleState {
 struct DirHandle {
     inode: Arc<Inode>,
     fd: OwnedFd,
-    entries: Mutex<Option<Arc<Vec<DirEnt>>>>,
+    /// The listing, read as the kernel asks (see [`DirReader`]).
+    reader: Mutex<DirReader>,
 }
 
 /// State shared by the FUSE worker threads and the [`crate::Mount`] handle.
@@ -1393,13 +1394,17 @@ impl Filesystem for Fs {
             Ok(fd) => fd,
             Err(e) => return reply.error(e),
         };
+        let reader = match DirReader::new(fd.as_fd()) {
+            Ok(r) => r,
+            Err(e) => return reply.error(errno(&e)),
+        };
         let fh = s.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&s.dirs).insert(
             fh,
             Arc::new(DirHandle {
                 inode,
                 fd,
-                entries: Mutex::new(None),
+                reader: Mutex::new(reader),
             }),
         );
         reply.opened(FileHandle(fh), FopenFlags::empty());
@@ -1414,14 +1419,27 @@ impl Filesystem for Fs {
         mut reply: ReplyDirectory,
     ) {
         let s = &self.0;
-        let entries = match s.dir_handle(fh).and_then(|d| dir_entries(&d, offset)) {
-            Ok(e) => e,
+        let dir = match s.dir_handle(fh) {
+            Ok(d) => d,
             Err(e) => return reply.error(e),
         };
-        for (i, ent) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(ent.ino), (i + 1) as u64, ent.kind, &ent.name) {
+        let mut reader = lock(&dir.reader);
+        if let Err(e) = reader.seek(offset) {
+            return reply.error(errno(&e));
+        }
+        let mut added = false;
+        while let Some(ent) = reader.next() {
+            let ent = match ent {
+                Ok(ent) => ent,
+                Err(e) if !added => return reply.error(errno(&e)),
+                // What was read goes first; the error comes again at the next read.
+                Err(_) => break,
+            };
+            // Full: this entry is read again from its cookie by the next call.
+            if reply.add(INodeNo(ent.ino), ent.off, ent.kind, &ent.name) {
                 break;
             }
+            added = true;
         }
         reply.ok();
     }
@@ -1439,13 +1457,19 @@ impl Filesystem for Fs {
             Ok(d) => d,
             Err(e) => return reply.error(e),
         };
-        let entries = match dir_entries(&dir, offset) {
-            Ok(e) => e,
-            Err(e) => return reply.error(e),
-        };
+        let mut reader = lock(&dir.reader);
+        if let Err(e) = reader.seek(offset) {
+            return reply.error(errno(&e));
+        }
         let ttl = s.ttl();
-        for (i, ent) in entries.iter().enumerate().skip(offset as usize) {
-            let off = (i + 1) as u64;
+        let mut added = false;
+        while let Some(ent) = reader.next() {
+            let ent = match ent {
+                Ok(ent) => ent,
+                Err(e) if !added => return reply.error(errno(&e)),
+                Err(_) => break,
+            };
+            let off = ent.off;
             if ent.name == "." || ent.name == ".." {
                 // The kernel does not instantiate these: no lookup reference is taken.
                 let Ok(attr) = s.getattr_of(&dir.inode) else {
@@ -1461,6 +1485,7 @@ impl Filesystem for Fs {
                 ) {
                     break;
                 }
+                added = true;
                 continue;
             }
             let Ok((inode, attr)) = s.lookup_child(&dir.inode, &ent.name) else {
@@ -1477,6 +1502,7 @@ impl Filesystem for Fs {
                 s.forget_node(inode.nodeid, 1);
                 break;
             }
+            added = true;
         }
         reply.ok();
     }
@@ -1899,15 +1925,4 @@ fn fsync_common(
             })
         },
     );
-}
-
-/// The entries of a directory handle; re-read from the backing directory at offset 0 (first
-/// read and `rewinddir`).
-fn dir_entries(d: &DirHandle, offset: u64) -> Result<Arc<Vec<DirEnt>>, Errno> {
-    let mut cached = lock(&d.entries);
-    if offset == 0 || cached.is_none() {
-        let entries = sys::read_dir(d.fd.as_fd()).map_err(|e| errno(&e))?;
-        *cached = Some(Arc::new(entries));
-    }
-    cached.clone().ok_or(Errno::EIO)
 }

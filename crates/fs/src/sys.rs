@@ -102,14 +102,49 @@ pub(crate) struct DirEnt {
     pub(crate) name: OsString,
     pub(crate) ino: u64,
     pub(crate) kind: FileType,
+    /// The backing filesystem's cookie of the position after this entry (`telldir`): the FUSE
+    /// offset of the entry, from which a later read resumes.
+    pub(crate) off: u64,
 }
 
-/// All entries of a directory, `.` and `..` included, in the backing filesystem's order.
-pub(crate) fn read_dir(fd: BorrowedFd<'_>) -> io::Result<Vec<DirEnt>> {
-    let mut dir = rustix::fs::Dir::read_from(fd)?;
-    let mut out = Vec::new();
-    while let Some(entry) = dir.read() {
-        let entry = entry?;
+/// A directory being listed, read from the backing directory as the kernel asks (a buffer of
+/// entries at a time, whatever the directory's size), resumable at any entry's cookie.
+pub(crate) struct DirReader {
+    dir: rustix::fs::Dir,
+    /// The cookie of the position the next [`DirReader::next`] reads from (0: the start).
+    next: u64,
+}
+
+impl DirReader {
+    /// A reader of the directory `fd` (open for reading; the reader keeps its own descriptor).
+    pub(crate) fn new(fd: BorrowedFd<'_>) -> io::Result<DirReader> {
+        Ok(DirReader {
+            dir: rustix::fs::Dir::read_from(fd)?,
+            next: 0,
+        })
+    }
+
+    /// Positions the reader after the entry whose cookie is `offset` (0: at the start).
+    pub(crate) fn seek(&mut self, offset: u64) -> io::Result<()> {
+        if offset != self.next {
+            if offset == 0 {
+                self.dir.rewind();
+            } else {
+                let cookie = i64::try_from(offset)
+                    .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+                self.dir.seek(cookie)?;
+            }
+            self.next = offset;
+        }
+        Ok(())
+    }
+
+    /// The next entry, `.` and `..` included, in the backing filesystem's order.
+    pub(crate) fn next(&mut self) -> Option<io::Result<DirEnt>> {
+        let entry = match self.dir.read()? {
+            Ok(entry) => entry,
+            Err(e) => return Some(Err(e.into())),
+        };
         let kind = match entry.file_type() {
             rustix::fs::FileType::Directory => FileType::Directory,
             rustix::fs::FileType::Symlink => FileType::Symlink,
@@ -119,11 +154,14 @@ pub(crate) fn read_dir(fd: BorrowedFd<'_>) -> io::Result<Vec<DirEnt>> {
             rustix::fs::FileType::BlockDevice => FileType::BlockDevice,
             _ => FileType::RegularFile,
         };
-        out.push(DirEnt {
+        // A cookie is never 0 (0 is the start), but be safe: 0 would restart the listing.
+        let off = u64::try_from(entry.offset()).unwrap_or(u64::MAX).max(1);
+        self.next = off;
+        Some(Ok(DirEnt {
             name: OsString::from_vec(entry.file_name().to_bytes().to_vec()),
             ino: entry.ino(),
             kind,
-        });
+            off,
+        }))
     }
-    Ok(out)
 }
