@@ -245,7 +245,9 @@ impl InodeTable {
                 return inode;
             }
             // The number of a deleted inode the kernel still knows, reused by a new file: the
-            // old entry keeps its node id until its forget, the new one gets its own.
+            // old entry keeps its node id until its forget (with no name: the name is the new
+            // file's), the new one gets its own.
+            t.links.remove(&nodeid);
         }
         let nodeid = if st.st_dev == self.root_dev
             && st.st_ino != ROOT
