@@ -25,7 +25,7 @@ use crate::mutation::{
     Attr, EntryRef, FileId, Mutation, NodeRef, Op, Outcome, Owner, SyncMode, Timestamp,
 };
 use crate::replicator::{Completion, RemoteDone, ReplicationError, Replicator};
-use crate::sys::{self, DirReader, XattrPath};
+use crate::sys::{self, DirEnt, DirReader, XattrPath};
 use crate::writeback;
 use crate::{Mode, Negotiated, Stats, lock, read, write};
 
@@ -61,6 +61,32 @@ struct FileHandleState {
     sync: SyncMode,
     /// Whether this handle pinned the inode's descriptor (see [`InodeTable::pin`]).
     pinned: bool,
+}
+
+impl DirHandle {
+    /// Gives `add` the entries from the one after cookie `offset` (0: the start) until it says
+    /// the reply is full. `add` answers `Some(false)`: added, `Some(true)`: full (that entry is
+    /// read again from its cookie by the next call), `None`: skipped. An error after an entry
+    /// was added ends the reply early (the error comes again at the next read); before, it is
+    /// the reply (an empty reply would mean the end of the directory).
+    fn list(&self, offset: u64, mut add: impl FnMut(&DirEnt) -> Option<bool>) -> Result<(), Errno> {
+        let mut reader = lock(&self.reader);
+        reader.seek(offset).map_err(|e| errno(&e))?;
+        let mut added = false;
+        while let Some(ent) = reader.next() {
+            let ent = match ent {
+                Ok(ent) => ent,
+                Err(e) if !added => return Err(errno(&e)),
+                Err(_) => break,
+            };
+            match add(&ent) {
+                Some(true) => break,
+                Some(false) => added = true,
+                None => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 struct DirHandle {
@@ -1418,30 +1444,15 @@ impl Filesystem for Fs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let s = &self.0;
-        let dir = match s.dir_handle(fh) {
-            Ok(d) => d,
-            Err(e) => return reply.error(e),
-        };
-        let mut reader = lock(&dir.reader);
-        if let Err(e) = reader.seek(offset) {
-            return reply.error(errno(&e));
+        let listed = self.0.dir_handle(fh).and_then(|dir| {
+            dir.list(offset, |ent| {
+                Some(reply.add(INodeNo(ent.ino), ent.off, ent.kind, &ent.name))
+            })
+        });
+        match listed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        let mut added = false;
-        while let Some(ent) = reader.next() {
-            let ent = match ent {
-                Ok(ent) => ent,
-                Err(e) if !added => return reply.error(errno(&e)),
-                // What was read goes first; the error comes again at the next read.
-                Err(_) => break,
-            };
-            // Full: this entry is read again from its cookie by the next call.
-            if reply.add(INodeNo(ent.ino), ent.off, ent.kind, &ent.name) {
-                break;
-            }
-            added = true;
-        }
-        reply.ok();
     }
 
     fn readdirplus(
@@ -1453,58 +1464,42 @@ impl Filesystem for Fs {
         mut reply: ReplyDirectoryPlus,
     ) {
         let s = &self.0;
-        let dir = match s.dir_handle(fh) {
-            Ok(d) => d,
-            Err(e) => return reply.error(e),
-        };
-        let mut reader = lock(&dir.reader);
-        if let Err(e) = reader.seek(offset) {
-            return reply.error(errno(&e));
-        }
         let ttl = s.ttl();
-        let mut added = false;
-        while let Some(ent) = reader.next() {
-            let ent = match ent {
-                Ok(ent) => ent,
-                Err(e) if !added => return reply.error(errno(&e)),
-                Err(_) => break,
-            };
-            let off = ent.off;
-            if ent.name == "." || ent.name == ".." {
-                // The kernel does not instantiate these: no lookup reference is taken.
-                let Ok(attr) = s.getattr_of(&dir.inode) else {
-                    continue;
-                };
-                if reply.add(
-                    INodeNo(dir.inode.nodeid),
-                    off,
+        let listed = s.dir_handle(fh).and_then(|dir| {
+            dir.list(offset, |ent| {
+                if ent.name == "." || ent.name == ".." {
+                    // The kernel does not instantiate these: no lookup reference is taken.
+                    let attr = s.getattr_of(&dir.inode).ok()?;
+                    return Some(reply.add(
+                        INodeNo(dir.inode.nodeid),
+                        ent.off,
+                        &ent.name,
+                        &ttl,
+                        &attr,
+                        Generation(0),
+                    ));
+                }
+                // Gone meanwhile: skipped.
+                let (inode, attr) = s.lookup_child(&dir.inode, &ent.name).ok()?;
+                let full = reply.add(
+                    INodeNo(inode.nodeid),
+                    ent.off,
                     &ent.name,
                     &ttl,
                     &attr,
-                    Generation(0),
-                ) {
-                    break;
+                    Generation(inode.generation),
+                );
+                if full {
+                    // Not sent: the kernel takes no reference.
+                    s.forget_node(inode.nodeid, 1);
                 }
-                added = true;
-                continue;
-            }
-            let Ok((inode, attr)) = s.lookup_child(&dir.inode, &ent.name) else {
-                continue;
-            };
-            if reply.add(
-                INodeNo(inode.nodeid),
-                off,
-                &ent.name,
-                &ttl,
-                &attr,
-                Generation(inode.generation),
-            ) {
-                s.forget_node(inode.nodeid, 1);
-                break;
-            }
-            added = true;
+                Some(full)
+            })
+        });
+        match listed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        reply.ok();
     }
 
     fn releasedir(
