@@ -9,8 +9,9 @@
 //! for as long as the entry lives (pinned), as the root does. An inode with open files keeps its
 //! descriptor pinned while they are open (the application's descriptors bound those).
 //!
-//! Entries are keyed both by node id and by backing `(st_dev, st_ino)`, so two hard links of one
-//! file are one FUSE inode. The node id is the backing `st_ino` itself when the inode is on the
+//! Entries are keyed by node id and found by backing `(st_dev, st_ino)` too, so two hard links of
+//! one file are one FUSE inode: most node ids are the inode number itself, so only the others
+//! (synthetic ids) need a second map. The node id is the backing `st_ino` itself when the inode is on the
 //! backing directory's filesystem (so `stat` through the mount shows the real inode numbers and
 //! hard links stay recognisable); inodes of other filesystems mounted below the directory get
 //! synthetic ids with the top bit set. Since no descriptor keeps a backing inode alive, its
@@ -88,14 +89,29 @@ impl Slots for Inode {
 struct Entry {
     inode: Arc<Inode>,
     lookups: u64,
+    /// The last `(parent node id, name)` under which the kernel reached it, when known.
+    link: Option<(u64, Box<OsStr>)>,
 }
 
 #[derive(Default)]
 struct Tables {
     by_node: HashMap<u64, Entry>,
+    /// The node id of an identity when it is not the identity's `st_ino` on the backing
+    /// filesystem (the root, other filesystems, a reused inode number); the other nodes are
+    /// found in `by_node` under their `st_ino`.
     by_id: HashMap<FileId, u64>,
-    /// Last known `(parent node id, name)` of each node.
-    links: HashMap<u64, (u64, OsString)>,
+}
+
+impl Tables {
+    /// The node an identity is known under.
+    fn nodeid_of(&self, id: FileId, root_dev: u64) -> Option<u64> {
+        if let Some(&nodeid) = self.by_id.get(&id) {
+            return Some(nodeid);
+        }
+        (id.dev == root_dev)
+            .then_some(id.ino)
+            .filter(|ino| self.by_node.get(ino).is_some_and(|e| e.inode.id == id))
+    }
 }
 
 /// Open `O_PATH` descriptors kept for inodes without open files, at most.
@@ -149,6 +165,7 @@ impl InodeTable {
             Entry {
                 inode: root.clone(),
                 lookups: 1,
+                link: None,
             },
         );
         InodeTable {
@@ -230,24 +247,22 @@ impl InodeTable {
             _ => None,
         };
         let mut t = lock(&self.inner);
-        if let Some(&nodeid) = t.by_id.get(&id) {
+        if let Some(nodeid) = t.nodeid_of(id, self.root_dev) {
             if nodeid == ROOT {
                 return self.root.clone();
             }
-            if let Some(entry) = t.by_node.get_mut(&nodeid)
-                && (handle.is_none()
-                    || entry.inode.handle.is_none()
-                    || entry.inode.handle == handle)
-            {
-                entry.lookups += 1;
-                let inode = entry.inode.clone();
-                t.links.insert(nodeid, (parent, name.to_owned()));
-                return inode;
+            if let Some(entry) = t.by_node.get_mut(&nodeid) {
+                if handle.is_none() || entry.inode.handle.is_none() || entry.inode.handle == handle
+                {
+                    entry.lookups += 1;
+                    entry.link = Some((parent, name.into()));
+                    return entry.inode.clone();
+                }
+                // The number of a deleted inode the kernel still knows, reused by a new file:
+                // the old entry keeps its node id until its forget (with no name: the name is
+                // the new file's), the new one gets its own.
+                entry.link = None;
             }
-            // The number of a deleted inode the kernel still knows, reused by a new file: the
-            // old entry keeps its node id until its forget (with no name: the name is the new
-            // file's), the new one gets its own.
-            t.links.remove(&nodeid);
         }
         let nodeid = if st.st_dev == self.root_dev
             && st.st_ino != ROOT
@@ -275,15 +290,17 @@ impl InodeTable {
             excluded: AtomicBool::new(false),
             syncs: SyncHistory::new(),
         });
-        t.by_id.insert(id, nodeid);
+        if nodeid != st.st_ino {
+            t.by_id.insert(id, nodeid);
+        }
         t.by_node.insert(
             nodeid,
             Entry {
                 inode: inode.clone(),
                 lookups: 1,
+                link: Some((parent, name.into())),
             },
         );
-        t.links.insert(nodeid, (parent, name.to_owned()));
         drop(t);
         if let Some(fd) = cached {
             // The descriptor the lookup opened serves the operations that follow it.
@@ -308,11 +325,16 @@ impl InodeTable {
             None => false,
         };
         if gone && let Some(entry) = t.by_node.remove(&nodeid) {
-            let current = t.by_id.get(&entry.inode.id) == Some(&nodeid);
-            if current {
-                t.by_id.remove(&entry.inode.id);
-            }
-            t.links.remove(&nodeid);
+            let id = entry.inode.id;
+            let current = match t.by_id.get(&id) {
+                Some(&known) if known == nodeid => {
+                    t.by_id.remove(&id);
+                    true
+                }
+                // A newer inode reused the number: it holds the identity now.
+                Some(_) => false,
+                None => true,
+            };
             drop(t);
             self.cache.close(&*entry.inode, 0);
             return Some((entry.inode, current));
@@ -325,32 +347,34 @@ impl InodeTable {
         if nodeid == ROOT {
             return;
         }
-        let mut t = lock(&self.inner);
-        if t.by_node.contains_key(&nodeid) {
-            t.links.insert(nodeid, (parent, name.to_owned()));
+        if let Some(entry) = lock(&self.inner).by_node.get_mut(&nodeid) {
+            entry.link = Some((parent, name.into()));
         }
     }
 
     /// Forgets the known name of a node if it is `(parent, name)` (after an unlink, or when the
     /// name now designates another inode).
     pub(crate) fn clear_link_if(&self, nodeid: u64, parent: u64, name: &OsStr) {
-        let mut t = lock(&self.inner);
-        if let Some((p, n)) = t.links.get(&nodeid)
-            && *p == parent
-            && n.as_os_str() == name
+        if let Some(entry) = lock(&self.inner).by_node.get_mut(&nodeid)
+            && entry
+                .link
+                .as_ref()
+                .is_some_and(|(p, n)| *p == parent && **n == *name)
         {
-            t.links.remove(&nodeid);
+            entry.link = None;
         }
     }
 
     /// The known link of a node.
     pub(crate) fn link_of(&self, nodeid: u64) -> Option<(u64, OsString)> {
-        lock(&self.inner).links.get(&nodeid).cloned()
+        let t = lock(&self.inner);
+        let (parent, name) = t.by_node.get(&nodeid)?.link.as_ref()?;
+        Some((*parent, name.to_os_string()))
     }
 
     /// The node id an existing backing inode is known under.
     pub(crate) fn nodeid_of(&self, id: FileId) -> Option<u64> {
-        lock(&self.inner).by_id.get(&id).copied()
+        lock(&self.inner).nodeid_of(id, self.root_dev)
     }
 
     /// The path of a node relative to the root, from the known links; `None` if a link on the way
@@ -363,7 +387,7 @@ impl InodeTable {
             if names.len() >= MAX_DEPTH {
                 return None;
             }
-            let (parent, name) = t.links.get(&current)?;
+            let (parent, name) = t.by_node.get(&current)?.link.as_ref()?;
             names.push(name);
             current = *parent;
         }
