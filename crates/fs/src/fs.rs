@@ -100,6 +100,8 @@ struct DirHandle {
 pub(crate) struct Shared {
     pub(crate) table: InodeTable,
     handles: Mutex<HashMap<u64, Arc<FileHandleState>>>,
+    /// Open handles per inode (node id), for the inodes that have any.
+    open: Mutex<HashMap<u64, OpenState>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
     /// The mode; mutations hold it shared from admission to the end of their local apply, so
@@ -136,6 +138,7 @@ impl Shared {
         Shared {
             table: InodeTable::new(root_fd, root_stat, CACHED_DESCRIPTORS),
             handles: Mutex::new(HashMap::new()),
+            open: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             gate: RwLock::new(mode),
@@ -383,7 +386,10 @@ impl Shared {
         if h.pinned {
             self.table.unpin(&h.inode);
         }
-        let mut st = lock(&h.inode.open);
+        let mut states = lock(&self.open);
+        let Some(st) = states.get_mut(&h.inode.nodeid) else {
+            return;
+        };
         match h.kind {
             HandleKind::Passthrough => {
                 st.passthrough = st.passthrough.saturating_sub(1);
@@ -393,6 +399,9 @@ impl Shared {
             }
             HandleKind::Cached => st.cached = st.cached.saturating_sub(1),
             HandleKind::Direct => st.direct = st.direct.saturating_sub(1),
+        }
+        if st.passthrough == 0 && st.cached == 0 && st.direct == 0 {
+            states.remove(&h.inode.nodeid);
         }
     }
 
@@ -407,7 +416,8 @@ impl Shared {
         open_backing: impl FnOnce(&OwnedFd) -> io::Result<BackingId>,
     ) -> (HandleKind, FopenFlags, Option<Arc<BackingId>>) {
         let dio = FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES;
-        let mut st: std::sync::MutexGuard<'_, OpenState> = lock(&inode.open);
+        let mut states = lock(&self.open);
+        let st: &mut OpenState = states.entry(inode.nodeid).or_default();
         if st.passthrough > 0
             && let Some(backing) = st.backing.clone()
         {

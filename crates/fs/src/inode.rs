@@ -45,7 +45,8 @@ const SYNTHETIC: u64 = 1 << 63;
 /// Deepest path the table reconstructs (a guard against a corrupted parent chain).
 const MAX_DEPTH: usize = 4096;
 
-/// Open handles of one inode, by kind (see the open policy in `fs.rs`).
+/// Open handles of one inode, by kind (see the open policy in `fs.rs`); kept beside the table,
+/// for the inodes with open handles only.
 #[derive(Debug, Default)]
 pub(crate) struct OpenState {
     /// Handles opened with `FOPEN_PASSTHROUGH` (readers, and writers forced to it).
@@ -71,8 +72,6 @@ pub(crate) struct Inode {
     slot: Slot,
     /// Serialises the submit and the local apply of mutations of this inode.
     pub(crate) order: Mutex<()>,
-    /// Open handles (passthrough policy).
-    pub(crate) open: Mutex<OpenState>,
     /// Whether the last known path of the inode was excluded from replication (used when the
     /// path is no longer known, e.g. unlinked while open).
     pub(crate) excluded: AtomicBool,
@@ -154,7 +153,6 @@ impl InodeTable {
             handle: None,
             slot: Slot::with(root_fd.clone(), true),
             order: Mutex::new(()),
-            open: Mutex::new(OpenState::default()),
             excluded: AtomicBool::new(false),
             syncs: SyncHistory::new(),
         });
@@ -286,7 +284,6 @@ impl InodeTable {
             handle,
             slot,
             order: Mutex::new(()),
-            open: Mutex::new(OpenState::default()),
             excluded: AtomicBool::new(false),
             syncs: SyncHistory::new(),
         });
