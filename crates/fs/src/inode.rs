@@ -26,6 +26,7 @@ use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -85,11 +86,38 @@ impl Slots for Inode {
     }
 }
 
+/// A file name: 24 bytes, without an allocation of its own up to 22 bytes (most names).
+enum Name {
+    Inline { len: u8, bytes: [u8; 22] },
+    Heap(Box<OsStr>),
+}
+
+impl Name {
+    fn new(name: &OsStr) -> Name {
+        let raw = name.as_bytes();
+        match u8::try_from(raw.len()) {
+            Ok(len) if raw.len() <= 22 => {
+                let mut bytes = [0; 22];
+                bytes[..raw.len()].copy_from_slice(raw);
+                Name::Inline { len, bytes }
+            }
+            _ => Name::Heap(name.into()),
+        }
+    }
+
+    fn as_os_str(&self) -> &OsStr {
+        match self {
+            Name::Inline { len, bytes } => OsStr::from_bytes(&bytes[..usize::from(*len)]),
+            Name::Heap(name) => name,
+        }
+    }
+}
+
 struct Entry {
     inode: Arc<Inode>,
     lookups: u64,
     /// The last `(parent node id, name)` under which the kernel reached it, when known.
-    link: Option<(u64, Box<OsStr>)>,
+    link: Option<(u64, Name)>,
 }
 
 #[derive(Default)]
@@ -253,7 +281,7 @@ impl InodeTable {
                 if handle.is_none() || entry.inode.handle.is_none() || entry.inode.handle == handle
                 {
                     entry.lookups += 1;
-                    entry.link = Some((parent, name.into()));
+                    entry.link = Some((parent, Name::new(name)));
                     return entry.inode.clone();
                 }
                 // The number of a deleted inode the kernel still knows, reused by a new file:
@@ -295,7 +323,7 @@ impl InodeTable {
             Entry {
                 inode: inode.clone(),
                 lookups: 1,
-                link: Some((parent, name.into())),
+                link: Some((parent, Name::new(name))),
             },
         );
         drop(t);
@@ -345,7 +373,7 @@ impl InodeTable {
             return;
         }
         if let Some(entry) = lock(&self.inner).by_node.get_mut(&nodeid) {
-            entry.link = Some((parent, name.into()));
+            entry.link = Some((parent, Name::new(name)));
         }
     }
 
@@ -356,7 +384,7 @@ impl InodeTable {
             && entry
                 .link
                 .as_ref()
-                .is_some_and(|(p, n)| *p == parent && **n == *name)
+                .is_some_and(|(p, n)| *p == parent && n.as_os_str() == name)
         {
             entry.link = None;
         }
@@ -366,7 +394,7 @@ impl InodeTable {
     pub(crate) fn link_of(&self, nodeid: u64) -> Option<(u64, OsString)> {
         let t = lock(&self.inner);
         let (parent, name) = t.by_node.get(&nodeid)?.link.as_ref()?;
-        Some((*parent, name.to_os_string()))
+        Some((*parent, name.as_os_str().to_os_string()))
     }
 
     /// The node id an existing backing inode is known under.
@@ -385,7 +413,7 @@ impl InodeTable {
                 return None;
             }
             let (parent, name) = t.by_node.get(&current)?.link.as_ref()?;
-            names.push(name);
+            names.push(name.as_os_str());
             current = *parent;
         }
         let mut path = PathBuf::new();
@@ -398,5 +426,24 @@ impl InodeTable {
     /// Number of known inodes (root included).
     pub(crate) fn len(&self) -> usize {
         lock(&self.inner).by_node.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_up_to_22_bytes_are_inline() {
+        for name in [
+            "a",
+            "twenty-two-bytes-name.",
+            "a name longer than twenty-two bytes",
+        ] {
+            let n = Name::new(OsStr::new(name));
+            assert_eq!(n.as_os_str(), name);
+            assert_eq!(matches!(n, Name::Inline { .. }), name.len() <= 22);
+        }
+        assert_eq!(std::mem::size_of::<Name>(), 24);
     }
 }
