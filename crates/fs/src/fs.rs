@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
@@ -29,12 +29,32 @@ use crate::sys::{self, DirEnt, DirReader, XattrPath};
 use crate::writeback;
 use crate::{Mode, Negotiated, Stats, lock, read, write};
 
-/// Attribute and entry time-to-live on the primary: every change goes through this mount, so the
-/// kernel's caches stay right.
-const TTL_PRIMARY: Duration = Duration::from_secs(1);
+/// Attribute and entry time-to-live on the primary (and when fenced): every change of the tree
+/// goes through this mount, so the kernel keeps its caches right by itself, and `stat`, path
+/// walks and listings (`FOPEN_CACHE_DIR`) of what it knows need no request. Leaving the mode
+/// drops what the kernel cached (see [`Shared::set_mode`]).
+const TTL_PRIMARY: Duration = Duration::from_secs(3600);
 /// On the secondary the applier changes the backing directory behind the kernel's back: no
 /// caching of attributes and entries.
 const TTL_SECONDARY: Duration = Duration::ZERO;
+
+/// Drops the kernel's entries for `names` (a `(parent, name)` it may have cached) and the
+/// attributes and pages of `nodes`. Errors only mean the kernel no longer knows one of them.
+fn invalidate_kernel_caches(notifier: &Notifier, names: &[(u64, OsString)], nodes: &[u64]) {
+    let started = std::time::Instant::now();
+    for (parent, name) in names {
+        let _ = notifier.inval_entry(INodeNo(*parent), name);
+    }
+    for &node in nodes {
+        let _ = notifier.inval_inode(INodeNo(node), 0, 0);
+    }
+    tracing::debug!(
+        names = names.len(),
+        nodes = nodes.len(),
+        elapsed = ?started.elapsed(),
+        "kernel caches of the primary mode dropped"
+    );
+}
 
 fn errno(e: &io::Error) -> Errno {
     Errno::from_i32(sys::errno_of(e))
@@ -118,6 +138,8 @@ pub(crate) struct Shared {
     stack_depth: u32,
     pub(crate) negotiated: OnceLock<Negotiated>,
     pub(crate) notifier: OnceLock<Notifier>,
+    /// The thread dropping the kernel's caches after a switch to the secondary mode.
+    invalidating: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Set when the mount was detached lazily: every request fails.
     pub(crate) closed: AtomicBool,
     submitted: AtomicU64,
@@ -150,6 +172,7 @@ impl Shared {
             stack_depth,
             negotiated: OnceLock::new(),
             notifier: OnceLock::new(),
+            invalidating: Mutex::new(None),
             closed: AtomicBool::new(false),
             submitted: AtomicU64::new(0),
             completed: AtomicU64::new(0),
@@ -199,7 +222,18 @@ impl Shared {
 
     /// Switches the mode. Waits until every mutation admitted under the old mode has been applied
     /// locally (their replication may still be in flight).
+    ///
+    /// Entering the secondary mode drops the names, attributes and pages the kernel cached (with
+    /// the primary's long timeouts) before the applier changes the tree behind its back. That
+    /// runs on a thread of its own: invalidating a name waits for the kernel's lock of its
+    /// directory, which a caller still waiting for the old stream's acknowledgement may hold
+    /// until the caller of this function fails that stream. The next switch waits for it.
     pub(crate) fn set_mode(&self, mode: Mode) {
+        if let Some(previous) = lock(&self.invalidating).take()
+            && previous.join().is_err()
+        {
+            tracing::error!("the invalidation of the kernel's caches panicked");
+        }
         let old = {
             let mut gate = write(&self.gate);
             let old = *gate;
@@ -210,14 +244,30 @@ impl Shared {
             }
             old
         };
-        if old != mode
-            && (old == Mode::Secondary || mode == Mode::Secondary)
-            && let Some(notifier) = self.notifier.get()
-        {
-            // Drop whatever the kernel cached under the other mode (pages of mmaps and cached
-            // reads, attributes). Errors only mean the kernel no longer knows the inode.
-            for inode in self.table.all() {
-                let _ = notifier.inval_inode(INodeNo(inode.nodeid), 0, 0);
+        if let Some(notifier) = self.notifier.get() {
+            if old == Mode::Secondary && mode != Mode::Secondary {
+                // Drop pages and attributes cached while the applier wrote (they had no
+                // timeout to speak of, but mmaps and cached reads keep pages). Errors only mean
+                // the kernel no longer knows the inode.
+                for inode in self.table.all() {
+                    let _ = notifier.inval_inode(INodeNo(inode.nodeid), 0, 0);
+                }
+            } else if old != Mode::Secondary && mode == Mode::Secondary {
+                let names = self.table.names();
+                let nodes: Vec<u64> = self.table.all().iter().map(|i| i.nodeid).collect();
+                let notifier = notifier.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("tandem-fs-inval".into())
+                    .spawn(move || invalidate_kernel_caches(&notifier, &names, &nodes));
+                match spawned {
+                    Ok(handle) => *lock(&self.invalidating) = Some(handle),
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "cannot start the invalidation of the kernel's caches: names the \
+                         kernel cached as primary may show stale entries for up to {} s",
+                        TTL_PRIMARY.as_secs()
+                    ),
+                }
             }
         }
         tracing::info!(?old, new = ?mode, "tandem-fs mode");
@@ -1443,7 +1493,12 @@ impl Filesystem for Fs {
                 reader: Mutex::new(reader),
             }),
         );
-        reply.opened(FileHandle(fh), FopenFlags::empty());
+        let flags = if s.mode() == Mode::Secondary {
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+        };
+        reply.opened(FileHandle(fh), flags);
     }
 
     fn readdir(

@@ -123,6 +123,10 @@ struct Entry {
 #[derive(Default)]
 struct Tables {
     by_node: HashMap<u64, Entry>,
+    /// Other names under which the kernel reached a node before its current `link` (hard
+    /// links, mostly): the kernel may still hold entries for them, which a switch to the
+    /// secondary mode must invalidate (see `names`). Few nodes have any.
+    aliases: HashMap<u64, Vec<(u64, Name)>>,
     /// The node id of an identity when it is not the identity's `st_ino` on the backing
     /// filesystem (the root, other filesystems, a reused inode number); the other nodes are
     /// found in `by_node` under their `st_ino`.
@@ -277,11 +281,25 @@ impl InodeTable {
             if nodeid == ROOT {
                 return self.root.clone();
             }
-            if let Some(entry) = t.by_node.get_mut(&nodeid) {
+            let Tables {
+                by_node, aliases, ..
+            } = &mut *t;
+            if let Some(entry) = by_node.get_mut(&nodeid) {
                 if handle.is_none() || entry.inode.handle.is_none() || entry.inode.handle == handle
                 {
                     entry.lookups += 1;
-                    entry.link = Some((parent, Name::new(name)));
+                    let old = entry.link.replace((parent, Name::new(name)));
+                    if let Some((p, n)) = old
+                        && (p != parent || n.as_os_str() != name)
+                    {
+                        let aliases = aliases.entry(nodeid).or_default();
+                        if !aliases
+                            .iter()
+                            .any(|(ap, an)| *ap == p && an.as_os_str() == n.as_os_str())
+                        {
+                            aliases.push((p, n));
+                        }
+                    }
                     return entry.inode.clone();
                 }
                 // The number of a deleted inode the kernel still knows, reused by a new file:
@@ -350,6 +368,7 @@ impl InodeTable {
             None => false,
         };
         if gone && let Some(entry) = t.by_node.remove(&nodeid) {
+            t.aliases.remove(&nodeid);
             let id = entry.inode.id;
             let current = match t.by_id.get(&id) {
                 Some(&known) if known == nodeid => {
@@ -388,6 +407,20 @@ impl InodeTable {
         {
             entry.link = None;
         }
+    }
+
+    /// Every `(parent, name)` under which the kernel may hold an entry of a known node: their
+    /// current links and earlier names (see `Tables::aliases`).
+    pub(crate) fn names(&self) -> Vec<(u64, OsString)> {
+        let t = lock(&self.inner);
+        let links = t
+            .by_node
+            .values()
+            .filter_map(|e| e.link.as_ref())
+            .chain(t.aliases.values().flatten());
+        links
+            .map(|(parent, name)| (*parent, name.as_os_str().to_os_string()))
+            .collect()
     }
 
     /// The known link of a node.

@@ -1692,3 +1692,115 @@ fn large_directories_are_listed_whole_and_resumable() {
     );
     assert_eq!(rest, again);
 }
+
+fn sorted_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn the_primary_cache_follows_every_change_made_through_the_mount() {
+    // On the primary the kernel keeps names, attributes and listings (long timeouts,
+    // FOPEN_CACHE_DIR): each change through the mount must still show at once.
+    let fx = Fixture::new(Mode::Primary, &[], Arc::new(LocalOnly), |_| {});
+    fs::create_dir(fx.p("d")).unwrap();
+    assert_eq!(sorted_names(&fx.p("d")), Vec::<String>::new());
+    fs::write(fx.p("d/a"), b"1").unwrap();
+    assert_eq!(sorted_names(&fx.p("d")), ["a"]);
+    fs::write(fx.p("d/b"), b"22").unwrap();
+    assert_eq!(sorted_names(&fx.p("d")), ["a", "b"]);
+    fs::rename(fx.p("d/a"), fx.p("d/c")).unwrap();
+    assert_eq!(sorted_names(&fx.p("d")), ["b", "c"]);
+    fs::hard_link(fx.p("d/b"), fx.p("d/e")).unwrap();
+    assert_eq!(fs::metadata(fx.p("d/b")).unwrap().nlink(), 2);
+    fs::remove_file(fx.p("d/e")).unwrap();
+    assert_eq!(fs::metadata(fx.p("d/b")).unwrap().nlink(), 1);
+    assert_eq!(sorted_names(&fx.p("d")), ["b", "c"]);
+    OpenOptions::new()
+        .append(true)
+        .open(fx.p("d/b"))
+        .unwrap()
+        .write_all(b"333")
+        .unwrap();
+    assert_eq!(fs::metadata(fx.p("d/b")).unwrap().len(), 5);
+    fs::set_permissions(fx.p("d/b"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(fs::metadata(fx.p("d/b")).unwrap().mode() & 0o777, 0o600);
+    fs::remove_file(fx.p("d/c")).unwrap();
+    assert!(!fx.p("d/c").exists());
+    assert_eq!(sorted_names(&fx.p("d")), ["b"]);
+    // A listing started before a change may or may not show it; one started after does.
+    let mut open = fs::read_dir(fx.p("d")).unwrap();
+    fs::write(fx.p("d/f"), b"").unwrap();
+    let _ = open.next();
+    assert_eq!(sorted_names(&fx.p("d")), ["b", "f"]);
+}
+
+#[test]
+fn demotion_drops_what_the_kernel_cached_as_primary() {
+    let fx = Fixture::new(Mode::Primary, &[], Arc::new(LocalOnly), |_| {});
+    fs::write(fx.p("gone"), b"1").unwrap();
+    fs::write(fx.p("moved"), b"2").unwrap();
+    fs::write(fx.p("linked"), b"3").unwrap();
+    fs::hard_link(fx.p("linked"), fx.p("alias")).unwrap();
+    fs::create_dir(fx.p("dir")).unwrap();
+    fs::write(fx.p("dir/inner"), b"4").unwrap();
+    // The kernel now holds names, attributes and listings with the primary's long timeouts.
+    for name in ["gone", "moved", "linked", "alias", "dir/inner"] {
+        fs::metadata(fx.p(name)).unwrap();
+    }
+    assert_eq!(
+        sorted_names(&fx.path),
+        ["alias", "dir", "gone", "linked", "moved"]
+    );
+    assert_eq!(sorted_names(&fx.p("dir")), ["inner"]);
+
+    fx.mount().set_mode(Mode::Secondary);
+    // The applier changes the tree behind the kernel's back.
+    let b = PathBuf::from(format!(
+        "/proc/self/fd/{}",
+        fx.mount().backing_dir().as_raw_fd()
+    ));
+    fs::remove_file(b.join("gone")).unwrap();
+    fs::rename(b.join("moved"), b.join("renamed")).unwrap();
+    fs::remove_file(b.join("alias")).unwrap();
+    fs::write(b.join("linked"), b"longer content").unwrap();
+    fs::remove_file(b.join("dir/inner")).unwrap();
+    fs::write(b.join("dir/new"), b"5").unwrap();
+
+    // The caches are dropped by a thread of the mount: poll for the secondary's true view.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let view = (
+            sorted_names(&fx.path),
+            sorted_names(&fx.p("dir")),
+            fx.p("gone").exists(),
+            fx.p("alias").exists(),
+            fx.p("dir/inner").exists(),
+            fs::metadata(fx.p("linked"))
+                .map(|m| (m.len(), m.nlink()))
+                .ok(),
+        );
+        let want = (
+            vec!["dir".to_string(), "linked".into(), "renamed".into()],
+            vec!["new".to_string()],
+            false,
+            false,
+            false,
+            Some((14, 1)),
+        );
+        if view == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the secondary still shows what the primary cached: {view:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(fs::read(fx.p("renamed")).unwrap(), b"2");
+    assert_eq!(fs::read(fx.p("dir/new")).unwrap(), b"5");
+}
