@@ -11,26 +11,32 @@ use rustix::fs::OFlags;
 /// `MAX_HANDLE_SZ` of the kernel.
 const MAX_HANDLE_SZ: usize = 128;
 
-/// Bytes kept inline (ext4 needs 8, xfs 8 or 16, tmpfs 12, btrfs 20); longer ones go to the heap.
-const INLINE: usize = 22;
+/// Bytes kept inline (ext4 needs 8, xfs 8 or 12, tmpfs 12; btrfs's 20 go to the heap).
+const INLINE: usize = 18;
 
+/// A handle's type and bytes; of a given length always the same variant, so that the derived
+/// equality and hash are those of the handle.
 #[derive(Clone, PartialEq, Eq, Hash)]
-enum Bytes {
-    Inline { len: u8, data: [u8; INLINE] },
-    Heap(Box<[u8]>),
+enum Repr {
+    Inline {
+        kind: i32,
+        len: u8,
+        data: [u8; INLINE],
+    },
+    Heap {
+        kind: i32,
+        bytes: Box<[u8]>,
+    },
 }
 
-/// A file handle of the backing filesystem: 32 bytes, with no allocation for handles of up to
-/// 22 bytes.
+/// A file handle of the backing filesystem: 24 bytes, with no allocation for handles of up to
+/// 18 bytes. (Every inode the mount or the applier knows holds one: its size counts.)
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct FileHandle {
-    kind: i32,
-    bytes: Bytes,
-}
+pub struct FileHandle(Repr);
 
 impl std::fmt::Debug for FileHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "FileHandle({}:", self.kind)?;
+        write!(f, "FileHandle({}:", self.kind())?;
         for b in self.bytes() {
             write!(f, "{b:02x}")?;
         }
@@ -100,30 +106,35 @@ impl FileHandle {
 
     /// A handle from its type and bytes (as [`FileHandle::kind`] and [`FileHandle::bytes`] give).
     pub fn from_parts(kind: i32, bytes: &[u8]) -> FileHandle {
-        let bytes = if bytes.len() <= INLINE {
+        FileHandle(if bytes.len() <= INLINE {
             let mut data = [0; INLINE];
             data[..bytes.len()].copy_from_slice(bytes);
-            Bytes::Inline {
-                // At most INLINE (22) here.
+            Repr::Inline {
+                kind,
+                // At most INLINE (18) here.
                 len: bytes.len() as u8,
                 data,
             }
         } else {
-            Bytes::Heap(bytes.into())
-        };
-        FileHandle { kind, bytes }
+            Repr::Heap {
+                kind,
+                bytes: bytes.into(),
+            }
+        })
     }
 
     /// The handle type (filesystem specific).
     pub fn kind(&self) -> i32 {
-        self.kind
+        match &self.0 {
+            Repr::Inline { kind, .. } | Repr::Heap { kind, .. } => *kind,
+        }
     }
 
     /// The opaque bytes.
     pub fn bytes(&self) -> &[u8] {
-        match &self.bytes {
-            Bytes::Inline { len, data } => &data[..usize::from(*len)],
-            Bytes::Heap(b) => b,
+        match &self.0 {
+            Repr::Inline { len, data, .. } => &data[..usize::from(*len)],
+            Repr::Heap { bytes, .. } => bytes,
         }
     }
 
@@ -134,7 +145,7 @@ impl FileHandle {
         let bytes = self.bytes();
         let mut raw = RawHandle {
             handle_bytes: bytes.len() as libc::c_uint,
-            handle_type: self.kind,
+            handle_type: self.kind(),
             f_handle: [0; MAX_HANDLE_SZ],
         };
         raw.f_handle[..bytes.len()].copy_from_slice(bytes);
@@ -191,6 +202,7 @@ mod tests {
         let bytes: Vec<u8> = (0..40).collect();
         let h = FileHandle::from_parts(7, &bytes);
         assert_eq!(h.bytes(), &bytes[..]);
-        assert!(std::mem::size_of::<FileHandle>() <= 32);
+        assert_eq!(std::mem::size_of::<FileHandle>(), 24);
+        assert_eq!(std::mem::size_of::<Option<FileHandle>>(), 24);
     }
 }
