@@ -56,6 +56,9 @@ fn invalidate_kernel_caches(notifier: &Notifier, names: &[(u64, OsString)], node
     );
 }
 
+/// Entries of a directory sampled to decide whether a listing's attributes are worth sending.
+const LISTING_SAMPLE: usize = 32;
+
 fn errno(e: &io::Error) -> Errno {
     Errno::from_i32(sys::errno_of(e))
 }
@@ -403,6 +406,59 @@ impl Shared {
         self.note_exclusion(&inode);
         let attr = sys::fuse_attr(&st, inode.nodeid);
         Ok((inode, attr))
+    }
+
+    /// Adds `ent` of `dir` to a `readdirplus` reply, looked up (see [`DirHandle::list`] for
+    /// the answer).
+    fn add_plus(
+        &self,
+        reply: &mut ReplyDirectoryPlus,
+        dir: &DirHandle,
+        ent: &DirEnt,
+        ttl: &Duration,
+    ) -> Option<bool> {
+        if ent.name == "." || ent.name == ".." {
+            // The kernel does not instantiate these: no lookup reference is taken.
+            let attr = self.getattr_of(&dir.inode).ok()?;
+            return Some(reply.add(
+                INodeNo(dir.inode.nodeid),
+                ent.off,
+                &ent.name,
+                ttl,
+                &attr,
+                Generation(0),
+            ));
+        }
+        // Gone meanwhile: skipped.
+        let (inode, attr) = self.lookup_child(&dir.inode, &ent.name).ok()?;
+        let full = reply.add(
+            INodeNo(inode.nodeid),
+            ent.off,
+            &ent.name,
+            ttl,
+            &attr,
+            Generation(inode.generation),
+        );
+        if full {
+            // Not sent: the kernel takes no reference.
+            self.forget_node(inode.nodeid, 1);
+        }
+        Some(full)
+    }
+
+    /// Whether most of the first entries of a listing are inodes the kernel knows (a sample of
+    /// [`LISTING_SAMPLE`] entries).
+    fn kernel_knows_listing(&self, dir: &DirHandle) -> bool {
+        let (mut seen, mut known) = (0usize, 0usize);
+        let _ = dir.list(0, |ent| {
+            if ent.name == "." || ent.name == ".." {
+                return None;
+            }
+            seen += 1;
+            known += usize::from(self.table.knows(ent.ino));
+            Some(seen >= LISTING_SAMPLE)
+        });
+        seen > 0 && known * 2 >= seen
     }
 
     fn getattr_of(&self, inode: &Arc<Inode>) -> Result<FileAttr, Errno> {
@@ -1553,34 +1609,18 @@ impl Filesystem for Fs {
         let s = &self.0;
         let ttl = s.ttl();
         let listed = s.dir_handle(fh).and_then(|dir| {
+            // When the kernel knows the entries already, looking them up buys nothing: one entry
+            // only, and the kernel reads the rest without attributes (it asks for them again
+            // only after lookups in the directory).
+            let one_entry = offset == 0 && s.kernel_knows_listing(&dir);
+            let mut sent = false;
             dir.list(offset, |ent| {
-                if ent.name == "." || ent.name == ".." {
-                    // The kernel does not instantiate these: no lookup reference is taken.
-                    let attr = s.getattr_of(&dir.inode).ok()?;
-                    return Some(reply.add(
-                        INodeNo(dir.inode.nodeid),
-                        ent.off,
-                        &ent.name,
-                        &ttl,
-                        &attr,
-                        Generation(0),
-                    ));
+                if one_entry && sent {
+                    return Some(true);
                 }
-                // Gone meanwhile: skipped.
-                let (inode, attr) = s.lookup_child(&dir.inode, &ent.name).ok()?;
-                let full = reply.add(
-                    INodeNo(inode.nodeid),
-                    ent.off,
-                    &ent.name,
-                    &ttl,
-                    &attr,
-                    Generation(inode.generation),
-                );
-                if full {
-                    // Not sent: the kernel takes no reference.
-                    s.forget_node(inode.nodeid, 1);
-                }
-                Some(full)
+                let added = s.add_plus(&mut reply, &dir, ent, &ttl);
+                sent |= added == Some(false);
+                added
             })
         });
         match listed {

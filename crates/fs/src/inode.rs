@@ -522,6 +522,11 @@ impl InodeTable {
         Some(path)
     }
 
+    /// Whether an inode of the backing filesystem with this number is known (to the kernel).
+    pub(crate) fn knows(&self, ino: u64) -> bool {
+        lock(&self.inner).node(ino).is_some()
+    }
+
     /// Number of known inodes (root included).
     pub(crate) fn len(&self) -> usize {
         lock(&self.inner).by_node.len()

@@ -1732,6 +1732,19 @@ fn the_primary_cache_follows_every_change_made_through_the_mount() {
     fs::remove_file(fx.p("d/c")).unwrap();
     assert!(!fx.p("d/c").exists());
     assert_eq!(sorted_names(&fx.p("d")), ["b"]);
+    // A listing of entries the kernel knows starts with one entry with attributes and goes on
+    // without (see `readdirplus`): still whole, the first time and from the kernel's cache.
+    fs::create_dir(fx.p("many")).unwrap();
+    let want: Vec<String> = (0..300).map(|i| format!("f{i:03}")).collect();
+    for name in &want {
+        fs::write(fx.p("many").join(name), name).unwrap();
+    }
+    assert_eq!(sorted_names(&fx.p("many")), want);
+    assert_eq!(sorted_names(&fx.p("many")), want);
+    for entry in fs::read_dir(fx.p("many")).unwrap() {
+        let entry = entry.unwrap();
+        assert_eq!(entry.metadata().unwrap().len(), 4, "{entry:?}");
+    }
     // A listing started before a change may or may not show it; one started after does.
     let mut open = fs::read_dir(fx.p("d")).unwrap();
     fs::write(fx.p("d/f"), b"").unwrap();
