@@ -63,18 +63,6 @@ impl FileHandle {
         Self::at(dir, name, 0)
     }
 
-    /// [`FileHandle::of_entry`] for a name not NUL-terminated (converted on the stack when short).
-    pub fn of_name(dir: BorrowedFd<'_>, name: &std::ffi::OsStr) -> io::Result<FileHandle> {
-        use rustix::path::Arg;
-        let mut out = None;
-        name.into_with_c_str(|c| {
-            out = Some(Self::at(dir, c, 0));
-            Ok(())
-        })?;
-        // `into_with_c_str` fails only before calling the closure (a NUL in the name).
-        out.unwrap_or_else(|| Err(io::Error::from_raw_os_error(libc::EINVAL)))
-    }
-
     fn at(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> io::Result<FileHandle> {
         let mut raw = RawHandle {
             handle_bytes: MAX_HANDLE_SZ as libc::c_uint,

@@ -378,31 +378,12 @@ impl Shared {
         parent: &Arc<Inode>,
         name: &OsStr,
     ) -> Result<(Arc<Inode>, FileAttr), Errno> {
-        let pfd = self.fd(parent)?;
-        let (inode, st) = if self.mode() == Mode::Secondary {
-            // The applier renames and replaces entries behind the kernel's back: open the entry
-            // so that its attributes and its handle are surely those of one inode.
-            let fd = sys::open_path_at(pfd.as_fd(), name).map_err(|e| errno(&e))?;
-            let st = sys::stat_fd(fd.as_fd()).map_err(|e| errno(&e))?;
-            (self.table.remember(fd, &st, parent.nodeid, name), st)
-        } else {
-            // Nothing opened: the kernel holds the directory's lock (shared) while it looks up
-            // or lists, every change of its entries through the mount takes it exclusively, and
-            // nothing else changes the primary's tree, so the name designates the same inode
-            // for both calls.
-            let st = sys::stat_at(pfd.as_fd(), name).map_err(|e| errno(&e))?;
-            if self.table.by_name_possible(st.st_dev) {
-                let inode = self
-                    .table
-                    .remember_by_name(pfd.as_fd(), &st, parent.nodeid, name)
-                    .map_err(|e| errno(&e))?;
-                (inode, st)
-            } else {
-                let fd = sys::open_path_at(pfd.as_fd(), name).map_err(|e| errno(&e))?;
-                let st = sys::stat_fd(fd.as_fd()).map_err(|e| errno(&e))?;
-                (self.table.remember(fd, &st, parent.nodeid, name), st)
-            }
-        };
+        // Opened, so that the attributes and the handle are surely those of one inode: a
+        // revalidation (the kernel's LOOKUP of a name it cached) does not hold the directory's
+        // lock, so a rename or an unlink may change the name between two calls by name.
+        let fd = sys::open_path_at(self.fd(parent)?.as_fd(), name).map_err(|e| errno(&e))?;
+        let st = sys::stat_fd(fd.as_fd()).map_err(|e| errno(&e))?;
+        let inode = self.table.remember(fd, &st, parent.nodeid, name);
         self.note_exclusion(&inode);
         let attr = sys::fuse_attr(&st, inode.nodeid);
         Ok((inode, attr))

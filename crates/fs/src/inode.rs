@@ -293,35 +293,13 @@ impl InodeTable {
             Some(_) if st.st_dev == self.root_dev => FileHandle::of_fd(fd.as_fd()).ok(),
             _ => None,
         };
-        self.insert(Some(fd), handle, st, parent, name)
+        self.insert(fd, handle, st, parent, name)
     }
 
-    /// Whether [`InodeTable::remember_by_name`] can serve an inode of device `dev` (one of the
-    /// backing filesystem, when it gives file handles).
-    pub(crate) fn by_name_possible(&self, dev: u64) -> bool {
-        self.mount.is_some() && dev == self.root_dev
-    }
-
-    /// [`InodeTable::remember`] of the entry `name` of `dir` (node `parent`), found by `stat_at`
-    /// as `st`, without opening it: its file handle is taken by name. The caller guarantees that
-    /// the name still designates the inode `st` describes (the kernel holds the directory's lock
-    /// and nothing else changes it) and that [`InodeTable::by_name_possible`] holds.
-    pub(crate) fn remember_by_name(
-        &self,
-        dir: BorrowedFd<'_>,
-        st: &Stat,
-        parent: u64,
-        name: &OsStr,
-    ) -> io::Result<Arc<Inode>> {
-        let handle = FileHandle::of_name(dir, name)?;
-        Ok(self.insert(None, Some(handle), st, parent, name))
-    }
-
-    /// Records a kernel reference to an inode given by a descriptor or a file handle (at least
-    /// one of them).
+    /// Records a kernel reference to the inode `fd` (with its handle, if any) designates.
     fn insert(
         &self,
-        fd: Option<OwnedFd>,
+        fd: OwnedFd,
         handle: Option<FileHandle>,
         st: &Stat,
         parent: u64,
@@ -366,18 +344,9 @@ impl InodeTable {
         } else {
             SYNTHETIC | self.next_synthetic.fetch_add(1, Ordering::Relaxed)
         };
-        let (slot, cached) = match (&handle, fd) {
-            (None, Some(fd)) => (Slot::with(Arc::new(fd), true), None),
-            (None, None) => {
-                // Not reached: callers give a descriptor or a handle. An empty unpinned slot
-                // without a handle would fail every operation with ESTALE, not crash.
-                tracing::error!(
-                    nodeid,
-                    "inode remembered with neither descriptor nor handle"
-                );
-                (Slot::default(), None)
-            }
-            (Some(_), fd) => (Slot::default(), fd),
+        let (slot, cached) = match handle {
+            None => (Slot::with(Arc::new(fd), true), None),
+            Some(_) => (Slot::default(), Some(fd)),
         };
         let inode = Arc::new(Inode {
             nodeid,
