@@ -27,7 +27,7 @@ use std::ffi::{OsStr, OsString};
 use std::hash::BuildHasher;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -473,22 +473,26 @@ impl InodeTable {
     /// is unknown.
     pub(crate) fn path_of(&self, nodeid: u64) -> Option<PathBuf> {
         let t = lock(&self.inner);
-        let mut names: Vec<OsString> = Vec::new();
+        // Built leaf first, each name's bytes reversed, then reversed whole: one allocation
+        // however deep the node (this runs for every mutation). Names hold no '/'.
+        let mut reversed: Vec<u8> = Vec::new();
         let mut current = nodeid;
+        let mut depth = 0;
         while current != ROOT {
-            if names.len() >= MAX_DEPTH {
+            if depth >= MAX_DEPTH {
                 return None;
             }
             let link = lock(&t.node(current)?.link);
             let (parent, name) = link.as_ref()?;
-            names.push(name.as_os_str().to_os_string());
+            if depth > 0 {
+                reversed.push(b'/');
+            }
+            reversed.extend(name.as_os_str().as_bytes().iter().rev());
             current = *parent;
+            depth += 1;
         }
-        let mut path = PathBuf::new();
-        for name in names.iter().rev() {
-            path.push(name);
-        }
-        Some(path)
+        reversed.reverse();
+        Some(PathBuf::from(OsString::from_vec(reversed)))
     }
 
     /// Whether an inode of the backing filesystem with this number is known (to the kernel).
