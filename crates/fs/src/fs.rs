@@ -89,23 +89,40 @@ struct FileHandleState {
 impl DirHandle {
     /// Gives `add` the entries from the one after cookie `offset` (0: the start) until it says
     /// the reply is full. `add` answers `Some(false)`: added, `Some(true)`: full (that entry is
-    /// read again from its cookie by the next call), `None`: skipped. An error after an entry
+    /// given again by the next call, from its cookie), `None`: skipped. An error after an entry
     /// was added ends the reply early (the error comes again at the next read); before, it is
     /// the reply (an empty reply would mean the end of the directory).
     fn list(&self, offset: u64, mut add: impl FnMut(&DirEnt) -> Option<bool>) -> Result<(), Errno> {
         let mut reader = lock(&self.reader);
         reader.seek(offset).map_err(|e| errno(&e))?;
         let mut added = false;
-        while let Some(ent) = reader.next() {
+        while let Some(ent) = reader.peek() {
             let ent = match ent {
                 Ok(ent) => ent,
                 Err(e) if !added => return Err(errno(&e)),
                 Err(_) => break,
             };
             match add(&ent) {
+                // Not sent: stays at the position, for the next call.
                 Some(true) => break,
                 Some(false) => added = true,
                 None => {}
+            }
+            reader.advance();
+        }
+        Ok(())
+    }
+
+    /// Gives `look` up to `n` entries from the start (`.` and `..` included), read ahead: the
+    /// next [`DirHandle::list`] from the start gives them without reading them again.
+    fn first_entries(&self, n: usize, mut look: impl FnMut(&DirEnt)) -> Result<(), Errno> {
+        let mut reader = lock(&self.reader);
+        reader.seek(0).map_err(|e| errno(&e))?;
+        for i in 0..n {
+            match reader.ahead(i) {
+                Some(Ok(ent)) => look(&ent),
+                Some(Err(e)) => return Err(errno(&e)),
+                None => break,
             }
         }
         Ok(())
@@ -404,18 +421,18 @@ impl Shared {
             return Some(reply.add(
                 INodeNo(dir.inode.nodeid),
                 ent.off,
-                &ent.name,
+                ent.name,
                 ttl,
                 &attr,
                 Generation(0),
             ));
         }
         // Gone meanwhile: skipped.
-        let (inode, attr) = self.lookup_child(&dir.inode, &ent.name).ok()?;
+        let (inode, attr) = self.lookup_child(&dir.inode, ent.name).ok()?;
         let full = reply.add(
             INodeNo(inode.nodeid),
             ent.off,
-            &ent.name,
+            ent.name,
             ttl,
             &attr,
             Generation(inode.generation),
@@ -431,13 +448,12 @@ impl Shared {
     /// [`LISTING_SAMPLE`] entries).
     fn kernel_knows_listing(&self, dir: &DirHandle) -> bool {
         let (mut seen, mut known) = (0usize, 0usize);
-        let _ = dir.list(0, |ent| {
-            if ent.name == "." || ent.name == ".." {
-                return None;
+        // `.` and `..` are two of the sample's entries.
+        let _ = dir.first_entries(LISTING_SAMPLE + 2, |ent| {
+            if ent.name != "." && ent.name != ".." {
+                seen += 1;
+                known += usize::from(self.table.knows(ent.ino));
             }
-            seen += 1;
-            known += usize::from(self.table.knows(ent.ino));
-            Some(seen >= LISTING_SAMPLE)
         });
         seen > 0 && known * 2 >= seen
     }
@@ -1568,10 +1584,12 @@ impl Filesystem for Fs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let listed = self.0.dir_handle(fh).and_then(|dir| {
-            dir.list(offset, |ent| {
-                Some(reply.add(INodeNo(ent.ino), ent.off, ent.kind, &ent.name))
-            })
+        let dir = match self.0.dir_handle(fh) {
+            Ok(dir) => dir,
+            Err(e) => return reply.error(e),
+        };
+        let listed = dir.list(offset, |ent| {
+            Some(reply.add(INodeNo(ent.ino), ent.off, ent.kind, ent.name))
         });
         match listed {
             Ok(()) => reply.ok(),
@@ -1589,20 +1607,22 @@ impl Filesystem for Fs {
     ) {
         let s = &self.0;
         let ttl = s.ttl();
-        let listed = s.dir_handle(fh).and_then(|dir| {
-            // When the kernel knows the entries already, looking them up buys nothing: one entry
-            // only, and the kernel reads the rest without attributes (it asks for them again
-            // only after lookups in the directory).
-            let one_entry = offset == 0 && s.kernel_knows_listing(&dir);
-            let mut sent = false;
-            dir.list(offset, |ent| {
-                if one_entry && sent {
-                    return Some(true);
-                }
-                let added = s.add_plus(&mut reply, &dir, ent, &ttl);
-                sent |= added == Some(false);
-                added
-            })
+        let dir = match s.dir_handle(fh) {
+            Ok(dir) => dir,
+            Err(e) => return reply.error(e),
+        };
+        // When the kernel knows the entries already, looking them up buys nothing: one entry
+        // only, and the kernel reads the rest without attributes (it asks for them again
+        // only after lookups in the directory).
+        let one_entry = offset == 0 && s.kernel_knows_listing(&dir);
+        let mut sent = false;
+        let listed = dir.list(offset, |ent| {
+            if one_entry && sent {
+                return Some(true);
+            }
+            let added = s.add_plus(&mut reply, &dir, ent, &ttl);
+            sent |= added == Some(false);
+            added
         });
         match listed {
             Ok(()) => reply.ok(),

@@ -1,10 +1,14 @@
 //! The mount's own helpers over the backing inodes (FUSE attributes and directory entries); the
 //! `*at` system calls themselves are `tandem_backing::sys`, shared with the secondary's applier.
 
-use std::ffi::OsString;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::ffi::OsStr;
 use std::io;
-use std::os::fd::BorrowedFd;
-use std::os::unix::ffi::OsStringExt;
+use std::mem::MaybeUninit;
+use std::ops::Range;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType, INodeNo};
@@ -97,9 +101,9 @@ fn encode_dev(dev: u64) -> u32 {
 }
 
 /// One directory entry of the backing directory.
-#[derive(Clone, Debug)]
-pub(crate) struct DirEnt {
-    pub(crate) name: OsString,
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DirEnt<'a> {
+    pub(crate) name: &'a OsStr,
     pub(crate) ino: u64,
     pub(crate) kind: FileType,
     /// The backing filesystem's cookie of the position after this entry (`telldir`): the FUSE
@@ -107,61 +111,247 @@ pub(crate) struct DirEnt {
     pub(crate) off: u64,
 }
 
+/// An entry read ahead; its name is in [`DirReader::names`].
+struct Queued {
+    ino: u64,
+    off: u64,
+    kind: FileType,
+    name: Range<usize>,
+}
+
+/// Bytes read from a directory by one `getdents` (each thread has its buffer).
+const GETDENTS_BUFFER: usize = 32 * 1024;
+
+thread_local! {
+    static GETDENTS: RefCell<Vec<MaybeUninit<u8>>> =
+        RefCell::new(vec![MaybeUninit::uninit(); GETDENTS_BUFFER]);
+}
+
 /// A directory being listed, read from the backing directory as the kernel asks (a buffer of
 /// entries at a time, whatever the directory's size), resumable at any entry's cookie.
+///
+/// Entries read but not yet given out wait in a queue (names in one buffer: no allocation per
+/// entry), so that looking at the first entries, or a reply that fills up before its last
+/// entry, does not move the backing directory's position: seeking a directory makes the
+/// backing filesystem read it again (ext4's hashed directories rebuild their listing state).
 pub(crate) struct DirReader {
-    dir: rustix::fs::Dir,
-    /// The cookie of the position the next [`DirReader::next`] reads from (0: the start).
-    next: u64,
+    /// The directory, read from its own position.
+    fd: OwnedFd,
+    /// Read from `fd`, not yet given out, in order.
+    queue: VecDeque<Queued>,
+    names: Vec<u8>,
+    /// The cookie of the position [`DirReader::peek`] gives from (0: the start).
+    pos: u64,
+    /// A read failed: the directory is positioned again before it is read.
+    failed: bool,
+    /// `fd` reached the end (until it is positioned again).
+    ended: bool,
 }
 
 impl DirReader {
-    /// A reader of the directory `fd` (open for reading; the reader keeps its own descriptor).
+    /// A reader of the directory `fd` (open for reading; the reader has its own descriptor).
     pub(crate) fn new(fd: BorrowedFd<'_>) -> io::Result<DirReader> {
         Ok(DirReader {
-            dir: rustix::fs::Dir::read_from(fd)?,
-            next: 0,
+            fd: rustix::fs::openat(
+                fd,
+                ".",
+                rustix::fs::OFlags::RDONLY
+                    | rustix::fs::OFlags::DIRECTORY
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )?,
+            queue: VecDeque::new(),
+            names: Vec::new(),
+            pos: 0,
+            failed: false,
+            ended: false,
         })
     }
 
-    /// Positions the reader after the entry whose cookie is `offset` (0: at the start).
+    /// Positions the reader after the entry whose cookie is `offset` (0: at the start). After a
+    /// failed read, the backing directory is positioned again, so that the error comes again
+    /// (or the listing goes on) rather than an early end.
     pub(crate) fn seek(&mut self, offset: u64) -> io::Result<()> {
-        if offset != self.next {
-            if offset == 0 {
-                self.dir.rewind();
-            } else {
-                let cookie = i64::try_from(offset)
-                    .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-                self.dir.seek(cookie)?;
+        if !self.failed {
+            if offset == self.pos {
+                return Ok(());
             }
-            self.next = offset;
+            if let Some(i) = self.queue.iter().position(|e| e.off == offset) {
+                self.queue.drain(..=i);
+                self.pos = offset;
+                return Ok(());
+            }
         }
+        self.queue.clear();
+        self.names.clear();
+        self.failed = false;
+        self.ended = false;
+        self.pos = offset;
+        rustix::fs::seek(&self.fd, rustix::fs::SeekFrom::Start(offset)).map_err(|e| {
+            self.failed = true;
+            io::Error::from(e)
+        })?;
         Ok(())
     }
 
-    /// The next entry, `.` and `..` included, in the backing filesystem's order.
-    pub(crate) fn next(&mut self) -> Option<io::Result<DirEnt>> {
-        let entry = match self.dir.read()? {
-            Ok(entry) => entry,
-            Err(e) => return Some(Err(e.into())),
-        };
-        let kind = match entry.file_type() {
-            rustix::fs::FileType::Directory => FileType::Directory,
-            rustix::fs::FileType::Symlink => FileType::Symlink,
-            rustix::fs::FileType::Fifo => FileType::NamedPipe,
-            rustix::fs::FileType::Socket => FileType::Socket,
-            rustix::fs::FileType::CharacterDevice => FileType::CharDevice,
-            rustix::fs::FileType::BlockDevice => FileType::BlockDevice,
-            _ => FileType::RegularFile,
-        };
-        // A cookie is never 0 (0 is the start), but be safe: 0 would restart the listing.
-        let off = u64::try_from(entry.offset()).unwrap_or(u64::MAX).max(1);
-        self.next = off;
+    /// The `i`-th entry from the position (`.` and `..` included, in the backing filesystem's
+    /// order), read ahead as needed without moving the position; `None` at the end.
+    pub(crate) fn ahead(&mut self, i: usize) -> Option<io::Result<DirEnt<'_>>> {
+        while self.queue.len() <= i {
+            if self.ended {
+                return None;
+            }
+            if let Err(e) = self.read() {
+                self.failed = true;
+                return Some(Err(e));
+            }
+        }
+        let q = self.queue.get(i)?;
         Some(Ok(DirEnt {
-            name: OsString::from_vec(entry.file_name().to_bytes().to_vec()),
-            ino: entry.ino(),
-            kind,
-            off,
+            name: OsStr::from_bytes(&self.names[q.name.clone()]),
+            ino: q.ino,
+            kind: q.kind,
+            off: q.off,
         }))
+    }
+
+    /// The entry at the position (see [`DirReader::ahead`]).
+    pub(crate) fn peek(&mut self) -> Option<io::Result<DirEnt<'_>>> {
+        self.ahead(0)
+    }
+
+    /// Moves the position past the entry [`DirReader::peek`] gave.
+    pub(crate) fn advance(&mut self) {
+        if let Some(q) = self.queue.pop_front() {
+            self.pos = q.off;
+        }
+    }
+
+    /// Reads one buffer of entries into the queue (none at the end: `ended`).
+    fn read(&mut self) -> io::Result<()> {
+        if self.queue.is_empty() {
+            self.names.clear();
+        } else if let Some(front) = self.queue.front()
+            && front.name.start > self.names.len() / 2
+        {
+            // Names of entries given out are dropped from time to time.
+            let start = front.name.start;
+            self.names.drain(..start);
+            for q in &mut self.queue {
+                q.name = q.name.start - start..q.name.end - start;
+            }
+        }
+        GETDENTS.with_borrow_mut(|buf| {
+            let mut raw = rustix::fs::RawDir::new(&self.fd, buf);
+            let mut any = false;
+            loop {
+                let entry = match raw.next() {
+                    None => break,
+                    Some(Ok(entry)) => entry,
+                    // Entries of this buffer already queued stay; the error comes at the next.
+                    Some(Err(e)) if !any => return Err(e.into()),
+                    Some(Err(_)) => break,
+                };
+                any = true;
+                let name = entry.file_name().to_bytes();
+                let start = self.names.len();
+                self.names.extend_from_slice(name);
+                self.queue.push_back(Queued {
+                    ino: entry.ino(),
+                    // A cookie is never 0 (0 is the start), but be safe: 0 would restart the
+                    // listing.
+                    off: entry.next_entry_cookie().max(1),
+                    kind: kind_of(entry.file_type()),
+                    name: start..self.names.len(),
+                });
+                if raw.is_buffer_empty() {
+                    break;
+                }
+            }
+            if !any {
+                self.ended = true;
+            }
+            Ok(())
+        })
+    }
+}
+
+fn kind_of(t: rustix::fs::FileType) -> FileType {
+    match t {
+        rustix::fs::FileType::Directory => FileType::Directory,
+        rustix::fs::FileType::Symlink => FileType::Symlink,
+        rustix::fs::FileType::Fifo => FileType::NamedPipe,
+        rustix::fs::FileType::Socket => FileType::Socket,
+        rustix::fs::FileType::CharacterDevice => FileType::CharDevice,
+        rustix::fs::FileType::BlockDevice => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    fn names_from(reader: &mut DirReader, offset: u64) -> Vec<(String, u64)> {
+        reader.seek(offset).expect("seek");
+        let mut out = Vec::new();
+        while let Some(ent) = reader.peek() {
+            let ent = ent.expect("entry");
+            out.push((ent.name.to_string_lossy().into_owned(), ent.off));
+            reader.advance();
+        }
+        out
+    }
+
+    /// Several `getdents` buffers' worth, resumed from cookies inside and outside what was
+    /// read ahead, after a look at the first entries, and from the start again.
+    #[test]
+    fn a_listing_resumes_at_any_cookie_whatever_was_read_ahead() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wanted: BTreeSet<String> = (0..5000).map(|i| format!("entry-{i:05}")).collect();
+        for name in &wanted {
+            std::fs::write(dir.path().join(name), b"").expect("create");
+        }
+        let fd = std::fs::File::open(dir.path()).expect("open");
+        let mut reader = DirReader::new(fd.as_fd()).expect("reader");
+
+        // A look at the first entries does not move the position.
+        let first: Vec<String> = (0..10)
+            .map(|i| {
+                let ent = reader.ahead(i).expect("some").expect("entry");
+                ent.name.to_string_lossy().into_owned()
+            })
+            .collect();
+        let all = names_from(&mut reader, 0);
+        assert_eq!(
+            all.iter()
+                .take(10)
+                .map(|(n, _)| n.clone())
+                .collect::<Vec<_>>(),
+            first
+        );
+        let listed: BTreeSet<String> = all
+            .iter()
+            .map(|(n, _)| n.clone())
+            .filter(|n| n != "." && n != "..")
+            .collect();
+        assert_eq!(listed, wanted);
+        assert_eq!(all.len(), wanted.len() + 2);
+        assert!(reader.peek().is_none(), "still the end");
+
+        // Resumed from a cookie far back (not queued: the directory is positioned again), then
+        // from one a few entries on (queued: no seek), then from the start.
+        for at in [100, 4000, 4003, 17] {
+            let rest = names_from(&mut reader, all[at].1);
+            assert_eq!(rest, all[at + 1..], "resumed after entry {at}");
+        }
+        reader.seek(all[2500].1).expect("seek");
+        reader.ahead(50).expect("some").expect("entry");
+        let rest = names_from(&mut reader, all[2530].1);
+        assert_eq!(rest, all[2531..], "resumed inside what was read ahead");
+        assert_eq!(names_from(&mut reader, 0), all);
     }
 }
