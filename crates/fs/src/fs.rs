@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -131,7 +131,7 @@ impl DirHandle {
 
 struct DirHandle {
     inode: Arc<Inode>,
-    fd: OwnedFd,
+    fd: Arc<OwnedFd>,
     /// The listing, read as the kernel asks (see [`DirReader`]).
     reader: Mutex<DirReader>,
 }
@@ -143,6 +143,9 @@ pub(crate) struct Shared {
     /// Open handles per inode (node id), for the inodes that have any.
     open: Mutex<HashMap<u64, OpenState>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
+    /// The change time of directories (by node id) when they were last opened: see
+    /// [`Shared::listed_unchanged`].
+    listings: Mutex<HashMap<u64, i128>>,
     next_fh: AtomicU64,
     /// The mode; mutations hold it shared from admission to the end of their local apply, so
     /// that `set_mode` returns only once no mutation admitted under the old mode is still being
@@ -182,6 +185,7 @@ impl Shared {
             handles: Mutex::new(HashMap::new()),
             open: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
+            listings: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             gate: RwLock::new(mode),
             ns: RwLock::new(()),
@@ -316,11 +320,30 @@ impl Shared {
     /// Drops `n` kernel references of a node; when its entry goes, tells the replicator
     /// ([`Replicator::forget`]), unless a newer inode reused its identity meanwhile.
     pub(crate) fn forget_node(&self, nodeid: u64, n: u64) {
-        if let Some((inode, current)) = self.table.forget(nodeid, n)
-            && current
-        {
-            self.replicator.forget(inode.id);
+        if let Some((inode, current)) = self.table.forget(nodeid, n) {
+            if inode.kind == fuser::FileType::Directory {
+                lock(&self.listings).remove(&nodeid);
+            }
+            if current {
+                self.replicator.forget(inode.id);
+            }
         }
+    }
+
+    /// Whether the directory is opened again with no change since its last opening (its
+    /// change time: every entry added, removed or renamed changes it); records this opening.
+    ///
+    /// The kernel keeps the listing of such a directory (`FOPEN_CACHE_DIR`): it is likely
+    /// listed again. Filling that cache costs the first listing about a sixth of its speed,
+    /// so a directory listed once since it changed (as after a creation) is not cached. The
+    /// kernel checks a cached listing against the directory's changes by itself: this only
+    /// decides whether a cache is worth filling.
+    fn listed_unchanged(&self, inode: &Inode, fd: BorrowedFd<'_>) -> bool {
+        let Ok(st) = sys::stat_fd(fd) else {
+            return false;
+        };
+        let ctime = i128::from(st.st_ctime) * 1_000_000_000 + i128::from(st.st_ctime_nsec);
+        lock(&self.listings).insert(inode.nodeid, ctime) == Some(ctime)
     }
 
     /// An `O_PATH` descriptor of the inode (see [`InodeTable::fd`]).
@@ -1555,24 +1578,23 @@ impl Filesystem for Fs {
             Ok(fd) => fd,
             Err(e) => return reply.error(e),
         };
-        let reader = match DirReader::new(fd.as_fd()) {
-            Ok(r) => r,
-            Err(e) => return reply.error(errno(&e)),
+        let flags = match s.mode() {
+            Mode::Secondary => FopenFlags::empty(),
+            _ if s.listed_unchanged(&inode, fd.as_fd()) => {
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+            }
+            _ => FopenFlags::empty(),
         };
+        let fd = Arc::new(fd);
         let fh = s.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&s.dirs).insert(
             fh,
             Arc::new(DirHandle {
                 inode,
+                reader: Mutex::new(DirReader::new(Arc::clone(&fd))),
                 fd,
-                reader: Mutex::new(reader),
             }),
         );
-        let flags = if s.mode() == Mode::Secondary {
-            FopenFlags::empty()
-        } else {
-            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
-        };
         reply.opened(FileHandle(fh), flags);
     }
 

@@ -7,8 +7,9 @@ use std::ffi::OsStr;
 use std::io;
 use std::mem::MaybeUninit;
 use std::ops::Range;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType, INodeNo};
@@ -135,8 +136,8 @@ thread_local! {
 /// entry, does not move the backing directory's position: seeking a directory makes the
 /// backing filesystem read it again (ext4's hashed directories rebuild their listing state).
 pub(crate) struct DirReader {
-    /// The directory, read from its own position.
-    fd: OwnedFd,
+    /// The directory, read from its position.
+    fd: Arc<OwnedFd>,
     /// Read from `fd`, not yet given out, in order.
     queue: VecDeque<Queued>,
     names: Vec<u8>,
@@ -149,23 +150,16 @@ pub(crate) struct DirReader {
 }
 
 impl DirReader {
-    /// A reader of the directory `fd` (open for reading; the reader has its own descriptor).
-    pub(crate) fn new(fd: BorrowedFd<'_>) -> io::Result<DirReader> {
-        Ok(DirReader {
-            fd: rustix::fs::openat(
-                fd,
-                ".",
-                rustix::fs::OFlags::RDONLY
-                    | rustix::fs::OFlags::DIRECTORY
-                    | rustix::fs::OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-            )?,
+    /// A reader of the directory `fd`, open for reading (nothing else moves its position).
+    pub(crate) fn new(fd: Arc<OwnedFd>) -> DirReader {
+        DirReader {
+            fd,
             queue: VecDeque::new(),
             names: Vec::new(),
             pos: 0,
             failed: false,
             ended: false,
-        })
+        }
     }
 
     /// Positions the reader after the entry whose cookie is `offset` (0: at the start). After a
@@ -291,7 +285,6 @@ fn kind_of(t: rustix::fs::FileType) -> FileType {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
-    use std::os::fd::AsFd;
 
     use super::*;
 
@@ -316,7 +309,7 @@ mod tests {
             std::fs::write(dir.path().join(name), b"").expect("create");
         }
         let fd = std::fs::File::open(dir.path()).expect("open");
-        let mut reader = DirReader::new(fd.as_fd()).expect("reader");
+        let mut reader = DirReader::new(Arc::new(fd.into()));
 
         // A look at the first entries does not move the position.
         let first: Vec<String> = (0..10)
