@@ -12,25 +12,29 @@ use rustix::fs::OFlags;
 const MAX_HANDLE_SZ: usize = 128;
 
 /// Bytes kept inline (ext4 needs 8, xfs 8 or 12, tmpfs 12; btrfs's 20 go to the heap).
-const INLINE: usize = 18;
+const INLINE: usize = 13;
 
-/// A handle's type and bytes; of a given length always the same variant, so that the derived
-/// equality and hash are those of the handle.
+/// A handle's type and bytes; of a given type and length always the same variant, so that the
+/// derived equality and hash are those of the handle.
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum Repr {
+    /// Handle types are small numbers (`FILEID_*`); one that is not goes to the heap.
     Inline {
-        kind: i32,
+        kind: u8,
         len: u8,
         data: [u8; INLINE],
     },
-    Heap {
-        kind: i32,
-        bytes: Box<[u8]>,
-    },
+    Heap(Box<HeapHandle>),
 }
 
-/// A file handle of the backing filesystem: 24 bytes, with no allocation for handles of up to
-/// 18 bytes. (Every inode the mount or the applier knows holds one: its size counts.)
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct HeapHandle {
+    kind: i32,
+    bytes: Box<[u8]>,
+}
+
+/// A file handle of the backing filesystem: 16 bytes, with no allocation for handles of up to
+/// 13 bytes. (Every inode the mount or the applier knows holds one: its size counts.)
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct FileHandle(Repr);
 
@@ -94,27 +98,29 @@ impl FileHandle {
 
     /// A handle from its type and bytes (as [`FileHandle::kind`] and [`FileHandle::bytes`] give).
     pub fn from_parts(kind: i32, bytes: &[u8]) -> FileHandle {
-        FileHandle(if bytes.len() <= INLINE {
-            let mut data = [0; INLINE];
-            data[..bytes.len()].copy_from_slice(bytes);
-            Repr::Inline {
-                kind,
-                // At most INLINE (18) here.
-                len: bytes.len() as u8,
-                data,
+        FileHandle(match u8::try_from(kind) {
+            Ok(small) if bytes.len() <= INLINE => {
+                let mut data = [0; INLINE];
+                data[..bytes.len()].copy_from_slice(bytes);
+                Repr::Inline {
+                    kind: small,
+                    // At most INLINE (13) here.
+                    len: bytes.len() as u8,
+                    data,
+                }
             }
-        } else {
-            Repr::Heap {
+            _ => Repr::Heap(Box::new(HeapHandle {
                 kind,
                 bytes: bytes.into(),
-            }
+            })),
         })
     }
 
     /// The handle type (filesystem specific).
     pub fn kind(&self) -> i32 {
         match &self.0 {
-            Repr::Inline { kind, .. } | Repr::Heap { kind, .. } => *kind,
+            Repr::Inline { kind, .. } => i32::from(*kind),
+            Repr::Heap(h) => h.kind,
         }
     }
 
@@ -122,7 +128,7 @@ impl FileHandle {
     pub fn bytes(&self) -> &[u8] {
         match &self.0 {
             Repr::Inline { len, data, .. } => &data[..usize::from(*len)],
-            Repr::Heap { bytes, .. } => bytes,
+            Repr::Heap(h) => &h.bytes,
         }
     }
 
@@ -186,11 +192,20 @@ mod tests {
     }
 
     #[test]
-    fn long_handles_go_to_the_heap() {
-        let bytes: Vec<u8> = (0..40).collect();
-        let h = FileHandle::from_parts(7, &bytes);
-        assert_eq!(h.bytes(), &bytes[..]);
-        assert_eq!(std::mem::size_of::<FileHandle>(), 24);
-        assert_eq!(std::mem::size_of::<Option<FileHandle>>(), 24);
+    fn long_handles_and_large_types_go_to_the_heap() {
+        for (kind, len) in [(7, 40), (7, 14), (300, 8), (-1, 8), (1, 13), (1, 0)] {
+            let bytes: Vec<u8> = (0..len).collect();
+            let h = FileHandle::from_parts(kind, &bytes);
+            assert_eq!((h.kind(), h.bytes()), (kind, &bytes[..]));
+            assert_eq!(FileHandle::from_parts(kind, &bytes), h);
+            let inline = matches!(h.0, Repr::Inline { .. });
+            assert_eq!(
+                inline,
+                (0..=255).contains(&kind) && len <= 13,
+                "{kind} {len}"
+            );
+        }
+        assert_eq!(std::mem::size_of::<FileHandle>(), 16);
+        assert_eq!(std::mem::size_of::<Option<FileHandle>>(), 16);
     }
 }

@@ -26,7 +26,7 @@ use crate::mutation::{
 };
 use crate::replicator::{Completion, RemoteDone, ReplicationError, Replicator};
 use crate::sys::{self, DirEnt, DirReader, XattrPath};
-use crate::writeback;
+use crate::writeback::{self, SyncHistory};
 use crate::{Mode, Negotiated, Stats, lock, read, write};
 
 /// Attribute and entry time-to-live on the primary (and when fenced): every change of the tree
@@ -84,6 +84,8 @@ struct FileHandleState {
     sync: SyncMode,
     /// Whether this handle pinned the inode's descriptor (see [`InodeTable::pin`]).
     pinned: bool,
+    /// When the file was last synced, shared by the inode's open handles.
+    syncs: Arc<SyncHistory>,
 }
 
 impl DirHandle {
@@ -310,7 +312,7 @@ impl Shared {
                 .get(parent)
                 .and_then(|p| self.fd(&p).ok())
                 .and_then(|p| sys::stat_at(p.as_fd(), &name).ok())
-                .is_some_and(|st| sys::file_id(&st) == inode.id);
+                .is_some_and(|st| sys::file_id(&st) == inode.id());
             if !same {
                 self.table.clear_link_if(inode.nodeid, parent, &name);
             }
@@ -325,7 +327,7 @@ impl Shared {
                 lock(&self.listings).remove(&nodeid);
             }
             if current {
-                self.replicator.forget(inode.id);
+                self.replicator.forget(inode.id());
             }
         }
     }
@@ -356,8 +358,8 @@ impl Shared {
     fn node_ref(&self, inode: &Inode) -> NodeRef {
         NodeRef {
             nodeid: inode.nodeid,
-            generation: inode.generation,
-            id: inode.id,
+            generation: inode.generation(),
+            id: inode.id(),
             path: self.table.path_of(inode.nodeid),
         }
     }
@@ -458,7 +460,7 @@ impl Shared {
             ent.name,
             ttl,
             &attr,
-            Generation(inode.generation),
+            Generation(inode.generation()),
         );
         if full {
             // Not sent: the kernel takes no reference.
@@ -553,6 +555,16 @@ impl Shared {
         }
     }
 
+    /// The sync history of an inode with open handles (after [`Shared::open_policy`]): kept
+    /// while the inode has open handles.
+    fn sync_history(&self, inode: &Inode) -> Arc<SyncHistory> {
+        lock(&self.open)
+            .entry(inode.nodeid)
+            .or_default()
+            .syncs
+            .clone()
+    }
+
     /// The open policy (see the crate docs, "Open policy"): returns the kind, the `FOPEN_*` flags
     /// and, for passthrough, the inode's backing id.
     fn open_policy(
@@ -630,7 +642,7 @@ impl Shared {
         let (ns_excl, mut ns_shared, mut order) = match scope {
             Scope::Namespace => (Some(write(&self.ns)), None, None),
             Scope::Node(inode) => {
-                let order = lock(&inode.order);
+                let order = inode.order.lock();
                 (None, Some(read(&self.ns)), Some(order))
             }
         };
@@ -785,7 +797,7 @@ impl Shared {
                     value: EntryOk {
                         ttl: this.ttl(),
                         attr: sys::fuse_attr(&st, inode.nodeid),
-                        generation: inode.generation,
+                        generation: inode.generation(),
                     },
                     attr: Some(sys::attr_of(&st)),
                     written: None,
@@ -1067,7 +1079,7 @@ impl Filesystem for Fs {
             Err(e) => return reply.error(e),
         };
         match s.lookup_child(&p, name) {
-            Ok((inode, attr)) => reply.entry(&s.ttl(), &attr, Generation(inode.generation)),
+            Ok((inode, attr)) => reply.entry(&s.ttl(), &attr, Generation(inode.generation())),
             Err(e) => reply.error(e),
         }
     }
@@ -1374,7 +1386,7 @@ impl Filesystem for Fs {
                     value: EntryOk {
                         ttl: s.ttl(),
                         attr: sys::fuse_attr(&st, known.nodeid),
-                        generation: known.generation,
+                        generation: known.generation(),
                     },
                     attr: Some(sys::attr_of(&st)),
                     written: None,
@@ -1405,6 +1417,7 @@ impl Filesystem for Fs {
         };
         let (kind, fopen, backing) =
             s.open_policy(&inode, mode, writable, &file, |f| reply.open_backing(f));
+        let syncs = s.sync_history(&inode);
         let fh = s.insert_handle(FileHandleState {
             inode,
             file,
@@ -1412,6 +1425,7 @@ impl Filesystem for Fs {
             _backing: backing.clone(),
             sync: sync_mode(flags.0),
             pinned: false,
+            syncs,
         });
         match backing {
             Some(b) => reply.opened_passthrough(FileHandle(fh), fopen, &b),
@@ -1516,7 +1530,7 @@ impl Filesystem for Fs {
         );
         // Flush-behind, once the local apply is done: while the secondary's acknowledgement is
         // on its way, or after the reply when this thread sent it (no peer, or it was faster).
-        if sync == SyncMode::None && h.inode.syncs.recently_synced() {
+        if sync == SyncMode::None && h.syncs.recently_synced() {
             writeback::start_writeback(h.file.as_fd(), offset, data.len() as u64);
         }
     }
@@ -1559,7 +1573,7 @@ impl Filesystem for Fs {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
-        fsync_common(s, &h.inode, fh.0, &h.file, datasync, reply);
+        fsync_common(s, &h.inode, fh.0, &h.file, Some(&h.syncs), datasync, reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -1677,7 +1691,7 @@ impl Filesystem for Fs {
             Ok(d) => d,
             Err(e) => return reply.error(e),
         };
-        fsync_common(s, &d.inode, fh.0, &d.fd, datasync, reply);
+        fsync_common(s, &d.inode, fh.0, &d.fd, None, datasync, reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -1889,13 +1903,14 @@ impl Filesystem for Fs {
                     _backing: backing.clone(),
                     sync: sync_mode(flags),
                     pinned: false,
+                    syncs: s.sync_history(&inode),
                 });
                 Ok(Applied {
                     value: CreateOk {
                         entry: EntryOk {
                             ttl: s.ttl(),
                             attr: sys::fuse_attr(&st, inode.nodeid),
-                            generation: inode.generation,
+                            generation: inode.generation(),
                         },
                         fh,
                         flags: fopen,
@@ -2040,6 +2055,7 @@ fn fsync_common(
     inode: &Arc<Inode>,
     fh: u64,
     fd: &OwnedFd,
+    syncs: Option<&SyncHistory>,
     datasync: bool,
     reply: ReplyEmpty,
 ) {
@@ -2062,7 +2078,9 @@ fn fsync_common(
             } else {
                 rustix::fs::fsync(fd).map_err(rerr)?;
             }
-            inode.syncs.synced();
+            if let Some(syncs) = syncs {
+                syncs.synced();
+            }
             Ok(Applied {
                 value: (),
                 attr: None,
