@@ -24,6 +24,7 @@ use crate::inode::{CACHED_DESCRIPTORS, Inode, InodeTable, OpenState, ROOT};
 use crate::mutation::{
     Attr, EntryRef, FileId, Mutation, NodeRef, Op, Outcome, Owner, SyncMode, Timestamp,
 };
+use crate::prefetch::{self, Prefetch};
 use crate::replicator::{Completion, RemoteDone, ReplicationError, Replicator};
 use crate::sys::{self, DirEnt, DirReader, XattrPath};
 use crate::writeback::{self, SyncHistory};
@@ -134,6 +135,8 @@ impl DirHandle {
 struct DirHandle {
     inode: Arc<Inode>,
     fd: Arc<OwnedFd>,
+    /// The node id of the last subdirectory listed (0: none yet), see [`Prefetch::note_order`].
+    last_subdir: AtomicU64,
     /// The listing, read as the kernel asks (see [`DirReader`]).
     reader: Mutex<DirReader>,
 }
@@ -148,6 +151,8 @@ pub(crate) struct Shared {
     /// The change time of directories (by node id) when they were last opened: see
     /// [`Shared::listed_unchanged`].
     listings: Mutex<HashMap<u64, i128>>,
+    /// Listings read ahead for tree walks.
+    prefetch: Prefetch,
     next_fh: AtomicU64,
     /// The mode; mutations hold it shared from admission to the end of their local apply, so
     /// that `set_mode` returns only once no mutation admitted under the old mode is still being
@@ -188,6 +193,7 @@ impl Shared {
             open: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
+            prefetch: Prefetch::default(),
             next_fh: AtomicU64::new(1),
             gate: RwLock::new(mode),
             ns: RwLock::new(()),
@@ -228,6 +234,8 @@ impl Shared {
             cached_descriptors: cache.open,
             cached_descriptors_max: cache.capacity,
             reopened: cache.misses,
+            listings_read_ahead: self.prefetch.stored(),
+            listings_ahead_used: self.prefetch.used(),
         }
     }
 
@@ -279,6 +287,7 @@ impl Shared {
                     let _ = notifier.inval_inode(INodeNo(inode.nodeid), 0, 0);
                 }
             } else if old != Mode::Secondary && mode == Mode::Secondary {
+                self.prefetch.clear();
                 let names = self.table.names();
                 let nodes: Vec<u64> = self.table.all().iter().map(|i| i.nodeid).collect();
                 let notifier = notifier.clone();
@@ -328,6 +337,59 @@ impl Shared {
             }
             if current {
                 self.replicator.forget(inode.id());
+            }
+        }
+    }
+
+    /// At the start of a listing, asks for the next subdirectory of the same parent (as the
+    /// parent's listing gave them) to be read ahead: a tree walk opens it next.
+    fn read_next_ahead(self: &Arc<Self>, dir: &DirHandle, offset: u64) {
+        if offset != 0 || self.mode() == Mode::Secondary {
+            return;
+        }
+        let Some(next) = self.prefetch.next_of(dir.inode.nodeid) else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        self.prefetch.request(next, || {
+            prefetch::spawn_reader(move |nodeid| {
+                let Some(s) = weak.upgrade() else {
+                    return false;
+                };
+                s.read_ahead(nodeid);
+                true
+            })
+        });
+    }
+
+    /// Reads the first buffer of the directory `nodeid` for its coming opening (on the
+    /// read-ahead thread). Failures only mean that the opening reads it itself.
+    fn read_ahead(&self, nodeid: u64) {
+        let epoch = self.prefetch.begin();
+        if self.mode() == Mode::Secondary {
+            return;
+        }
+        let Some(inode) = self.table.get(nodeid) else {
+            return;
+        };
+        let Ok(fd) = self
+            .fd(&inode)
+            .and_then(|fd| sys::open_dir(fd.as_fd()).map_err(|e| errno(&e)))
+        else {
+            return;
+        };
+        let fd = Arc::new(fd);
+        let mut reader = DirReader::new(Arc::clone(&fd));
+        let _ = reader.ahead(0);
+        self.prefetch.store(nodeid, fd, reader, epoch);
+    }
+
+    /// Records the order of the subdirectories a listing gives (see [`Prefetch::note_order`]).
+    fn note_subdir(&self, dir: &DirHandle, ent: &DirEnt) {
+        if ent.kind == fuser::FileType::Directory && ent.name != "." && ent.name != ".." {
+            let last = dir.last_subdir.swap(ent.ino, Ordering::Relaxed);
+            if last != 0 && last != ent.ino {
+                self.prefetch.note_order(last, ent.ino);
             }
         }
     }
@@ -680,6 +742,10 @@ impl Shared {
             apply()
         } else {
             let r = apply();
+            if ns_excl.is_some() {
+                // Before the reply: a listing read ahead from before this change is not used.
+                self.prefetch.changed();
+            }
             drop(order.take());
             drop(ns_excl);
             drop(gate);
@@ -1585,28 +1651,39 @@ impl Filesystem for Fs {
             Ok(i) => i,
             Err(e) => return reply.error(e),
         };
-        let fd = match s
-            .fd(&inode)
-            .and_then(|fd| sys::open_dir(fd.as_fd()).map_err(|e| errno(&e)))
-        {
-            Ok(fd) => fd,
-            Err(e) => return reply.error(e),
+        let mode = s.mode();
+        let ahead = match mode {
+            Mode::Secondary => None,
+            _ => s.prefetch.take(inode.nodeid),
         };
-        let flags = match s.mode() {
+        let (fd, reader) = match ahead {
+            Some(ahead) => (ahead.fd, ahead.reader),
+            None => match s
+                .fd(&inode)
+                .and_then(|fd| sys::open_dir(fd.as_fd()).map_err(|e| errno(&e)))
+            {
+                Ok(fd) => {
+                    let fd = Arc::new(fd);
+                    (Arc::clone(&fd), DirReader::new(fd))
+                }
+                Err(e) => return reply.error(e),
+            },
+        };
+        let flags = match mode {
             Mode::Secondary => FopenFlags::empty(),
             _ if s.listed_unchanged(&inode, fd.as_fd()) => {
                 FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
             }
             _ => FopenFlags::empty(),
         };
-        let fd = Arc::new(fd);
         let fh = s.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&s.dirs).insert(
             fh,
             Arc::new(DirHandle {
                 inode,
-                reader: Mutex::new(DirReader::new(Arc::clone(&fd))),
                 fd,
+                last_subdir: AtomicU64::new(0),
+                reader: Mutex::new(reader),
             }),
         );
         reply.opened(FileHandle(fh), flags);
@@ -1624,7 +1701,9 @@ impl Filesystem for Fs {
             Ok(dir) => dir,
             Err(e) => return reply.error(e),
         };
+        self.0.read_next_ahead(&dir, offset);
         let listed = dir.list(offset, |ent| {
+            self.0.note_subdir(&dir, ent);
             Some(reply.add(INodeNo(ent.ino), ent.off, ent.kind, ent.name))
         });
         match listed {
@@ -1650,6 +1729,7 @@ impl Filesystem for Fs {
         // When the kernel knows the entries already, looking them up buys nothing: one entry
         // only, and the kernel reads the rest without attributes (it asks for them again
         // only after lookups in the directory).
+        s.read_next_ahead(&dir, offset);
         let one_entry = offset == 0 && s.kernel_knows_listing(&dir);
         let mut sent = false;
         let listed = dir.list(offset, |ent| {
@@ -1658,6 +1738,9 @@ impl Filesystem for Fs {
             }
             let added = s.add_plus(&mut reply, &dir, ent, &ttl);
             sent |= added == Some(false);
+            if added == Some(false) {
+                s.note_subdir(&dir, ent);
+            }
             added
         });
         match listed {

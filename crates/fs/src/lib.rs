@@ -118,6 +118,7 @@ pub mod exclude;
 mod fs;
 mod inode;
 mod mutation;
+mod prefetch;
 mod replicator;
 mod sys;
 mod watchdog;
@@ -230,6 +231,11 @@ pub struct Stats {
     pub cached_descriptors_max: usize,
     /// Backing inodes reopened from their file handle.
     pub reopened: usize,
+    /// Listings read ahead for a tree walk (see `prefetch.rs`).
+    pub listings_read_ahead: usize,
+    /// Of those, the ones an opening used (the others were dropped: a namespace change came
+    /// since their read, or nobody opened them).
+    pub listings_ahead_used: usize,
 }
 
 /// Detaches the mount at `path` if it is a dead FUSE connection (its server died: every access

@@ -1817,3 +1817,101 @@ fn demotion_drops_what_the_kernel_cached_as_primary() {
     assert_eq!(fs::read(fx.p("renamed")).unwrap(), b"2");
     assert_eq!(fs::read(fx.p("dir/new")).unwrap(), b"5");
 }
+
+/// Waits (polling, with a deadline) until the mount kept `n` listings read ahead in all.
+fn wait_read_ahead(fx: &Fixture, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fx.mount().stats().listings_read_ahead < n {
+        assert!(Instant::now() < deadline, "{:?}", fx.mount().stats());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The subdirectories of `dir` in the order its listing gives them.
+fn subdirs_in_listing_order(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_dir())
+        .map(|e| e.file_name().into_string().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_tree_walk_uses_listings_read_ahead_and_sees_every_change_made_before_an_opening() {
+    let fx = Fixture::new(Mode::Primary, &[], Arc::new(LocalOnly), |_| {});
+    fs::create_dir(fx.p("t")).unwrap();
+    let files: Vec<String> = (0..50).map(|i| format!("f{i:02}")).collect();
+    for d in 0..6 {
+        fs::create_dir(fx.p(&format!("t/s{d}"))).unwrap();
+        for f in &files {
+            fs::write(fx.p(&format!("t/s{d}/{f}")), b"").unwrap();
+        }
+    }
+    // A walk: each subdirectory listed in the parent's order; the next one is read ahead
+    // while this one is listed, and its opening finds it.
+    let order = subdirs_in_listing_order(&fx.p("t"));
+    assert_eq!(order.len(), 6);
+    for (i, d) in order.iter().enumerate() {
+        assert_eq!(sorted_names(&fx.p("t").join(d)), files, "{d}");
+        if i + 1 < order.len() {
+            wait_read_ahead(&fx, i + 1);
+        }
+    }
+    let stats = fx.mount().stats();
+    assert_eq!(stats.listings_ahead_used, 5, "{stats:?}");
+
+    // A change between the read ahead and the opening: the listing shows it.
+    fs::create_dir(fx.p("u")).unwrap();
+    for d in 0..3 {
+        fs::create_dir(fx.p(&format!("u/s{d}"))).unwrap();
+        for f in &files {
+            fs::write(fx.p(&format!("u/s{d}/{f}")), b"").unwrap();
+        }
+    }
+    let order = subdirs_in_listing_order(&fx.p("u"));
+    let before = fx.mount().stats().listings_read_ahead;
+    assert_eq!(sorted_names(&fx.p("u").join(&order[0])), files);
+    wait_read_ahead(&fx, before + 1);
+    let next = fx.p("u").join(&order[1]);
+    fs::write(next.join("new"), b"").unwrap();
+    fs::rename(next.join("f00"), next.join("g00")).unwrap();
+    fs::remove_file(next.join("f01")).unwrap();
+    let mut want: Vec<String> = files[2..].to_vec();
+    want.extend(["g00".to_string(), "new".to_string()]);
+    want.sort();
+    assert_eq!(sorted_names(&next), want);
+    let stats = fx.mount().stats();
+    assert_eq!(
+        stats.listings_ahead_used, 5,
+        "not used after a change: {stats:?}"
+    );
+}
+
+#[test]
+fn the_secondary_reads_no_listing_ahead() {
+    // The applier changes the secondary's tree behind the mount: a listing read ahead could
+    // miss a change, and nothing bumps the epoch for it. What was read ahead as primary goes.
+    let fx = Fixture::new(Mode::Primary, &[], Arc::new(LocalOnly), |_| {});
+    fs::create_dir(fx.p("t")).unwrap();
+    for d in 0..4 {
+        fs::create_dir(fx.p(&format!("t/s{d}"))).unwrap();
+        fs::write(fx.p(&format!("t/s{d}/f")), b"").unwrap();
+    }
+    let order = subdirs_in_listing_order(&fx.p("t"));
+    assert_eq!(sorted_names(&fx.p("t").join(&order[0])), ["f"]);
+    wait_read_ahead(&fx, 1);
+    fx.mount().set_mode(Mode::Secondary);
+    let b = PathBuf::from(format!(
+        "/proc/self/fd/{}",
+        fx.mount().backing_dir().as_raw_fd()
+    ));
+    fs::write(b.join("t").join(&order[1]).join("behind"), b"").unwrap();
+    assert_eq!(sorted_names(&fx.p("t").join(&order[1])), ["behind", "f"]);
+    for d in &order[2..] {
+        assert_eq!(sorted_names(&fx.p("t").join(d)), ["f"]);
+    }
+    let stats = fx.mount().stats();
+    assert_eq!(stats.listings_ahead_used, 0, "{stats:?}");
+    assert_eq!(stats.listings_read_ahead, 1, "{stats:?}");
+}
