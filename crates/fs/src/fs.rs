@@ -321,7 +321,7 @@ impl Shared {
                 .get(parent)
                 .and_then(|p| self.fd(&p).ok())
                 .and_then(|p| sys::stat_at(p.as_fd(), &name).ok())
-                .is_some_and(|st| sys::file_id(&st) == inode.id());
+                .is_some_and(|st| sys::file_id(&st) == self.table.id(&inode));
             if !same {
                 self.table.clear_link_if(inode.nodeid, parent, &name);
             }
@@ -336,7 +336,7 @@ impl Shared {
                 lock(&self.listings).remove(&nodeid);
             }
             if current {
-                self.replicator.forget(inode.id());
+                self.replicator.forget(self.table.id(&inode));
             }
         }
     }
@@ -421,7 +421,7 @@ impl Shared {
         NodeRef {
             nodeid: inode.nodeid,
             generation: inode.generation(),
-            id: inode.id(),
+            id: self.table.id(inode),
             path: self.table.path_of(inode.nodeid),
         }
     }

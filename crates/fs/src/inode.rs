@@ -65,19 +65,17 @@ pub(crate) struct OpenState {
     pub(crate) syncs: Arc<SyncHistory>,
 }
 
-/// One known inode: 120 bytes, so that with the `Arc`'s counters and the allocator's header it
-/// takes a 144-byte chunk (the unit test `a_known_inode_costs_at_most_170_bytes`). Millions of
-/// them are known at once: each field counts.
+/// One known inode: 104 bytes, so that with the `Arc`'s counters and the allocator's header it
+/// takes a 128-byte chunk (the unit test `a_known_inode_costs_at_most_150_bytes`). Millions of
+/// them are known at once: each field counts. Its backing identity is not stored: a node id is
+/// the backing `st_ino` on the backing filesystem's device, except for the root and synthetic
+/// node ids, whose identities the table keeps (see [`InodeTable::id`]).
 #[derive(Debug)]
 pub(crate) struct Inode {
     pub(crate) nodeid: u64,
     /// The FUSE generation (a counter of the table: it wraps after 2³² inodes, and only tells a
     /// reused node id apart from the inodes the kernel may still know under it).
     generation: u32,
-    /// `st_dev` of the backing inode, in the kernel's 32-bit encoding (see [`Inode::id`]).
-    dev: u32,
-    /// `st_ino` of the backing inode.
-    ino: u64,
     pub(crate) kind: FileType,
     /// The backing inode's file handle; `None`: its descriptor is pinned in `slot`.
     handle: Option<FileHandle>,
@@ -97,14 +95,6 @@ pub(crate) struct Inode {
 }
 
 impl Inode {
-    /// The backing inode's identity.
-    pub(crate) fn id(&self) -> FileId {
-        FileId {
-            dev: sys::decode_dev(self.dev),
-            ino: self.ino,
-        }
-    }
-
     /// The FUSE generation.
     pub(crate) fn generation(&self) -> u64 {
         u64::from(self.generation)
@@ -163,9 +153,25 @@ struct Tables {
     /// filesystem (the root, other filesystems, a reused inode number); the other nodes are
     /// found in `by_node` under their `st_ino`.
     by_id: HashMap<FileId, u64>,
+    /// The identity of the nodes whose node id is not their `st_ino` (the root, synthetic node
+    /// ids): the reverse of `by_id` for them.
+    ids: HashMap<u64, FileId>,
+    /// The backing filesystem's device.
+    root_dev: u64,
 }
 
 impl Tables {
+    /// The backing identity of a known node.
+    fn id(&self, inode: &Inode) -> FileId {
+        match self.ids.get(&inode.nodeid) {
+            Some(id) => *id,
+            None => FileId {
+                dev: self.root_dev,
+                ino: inode.nodeid,
+            },
+        }
+    }
+
     fn node(&self, nodeid: u64) -> Option<&Arc<Inode>> {
         self.by_node
             .find(self.hasher.hash_one(nodeid), |i| i.nodeid == nodeid)
@@ -192,9 +198,10 @@ impl Tables {
         if let Some(&nodeid) = self.by_id.get(&id) {
             return Some(nodeid);
         }
+        // A node id that is not an identity's `st_ino` is in `by_id`; the others are theirs.
         (id.dev == root_dev)
             .then_some(id.ino)
-            .filter(|&ino| self.node(ino).is_some_and(|i| i.id() == id))
+            .filter(|&ino| ino & SYNTHETIC == 0 && ino != ROOT && self.node(ino).is_some())
     }
 }
 
@@ -233,8 +240,6 @@ impl InodeTable {
         let root = Arc::new(Inode {
             nodeid: ROOT,
             generation: 0,
-            dev: sys::encode_dev(st.st_dev),
-            ino: st.st_ino,
             kind: FileType::Directory,
             handle: None,
             slot: Slot::with(root_fd.clone(), true),
@@ -243,8 +248,13 @@ impl InodeTable {
             order: parking_lot::Mutex::new(()),
             excluded: AtomicBool::new(false),
         });
-        let mut tables = Tables::default();
-        tables.by_id.insert(root.id(), ROOT);
+        let mut tables = Tables {
+            root_dev: st.st_dev,
+            ..Tables::default()
+        };
+        let root_id = sys::file_id(st);
+        tables.by_id.insert(root_id, ROOT);
+        tables.ids.insert(ROOT, root_id);
         tables.add(root.clone());
         InodeTable {
             inner: Mutex::new(tables),
@@ -374,8 +384,6 @@ impl InodeTable {
         let inode = Arc::new(Inode {
             nodeid,
             generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
-            dev: sys::encode_dev(st.st_dev),
-            ino: st.st_ino,
             kind: sys::file_type(st.st_mode),
             handle,
             slot,
@@ -386,6 +394,7 @@ impl InodeTable {
         });
         if nodeid != st.st_ino {
             t.by_id.insert(id, nodeid);
+            t.ids.insert(nodeid, id);
         }
         t.add(inode.clone());
         drop(t);
@@ -414,7 +423,8 @@ impl InodeTable {
         };
         if gone && let Some(inode) = t.remove(nodeid) {
             t.aliases.remove(&nodeid);
-            let id = inode.id();
+            let id = t.id(&inode);
+            t.ids.remove(&nodeid);
             let current = match t.by_id.get(&id) {
                 Some(&known) if known == nodeid => {
                     t.by_id.remove(&id);
@@ -523,6 +533,18 @@ impl InodeTable {
         lock(&self.inner).node(ino).is_some()
     }
 
+    /// The backing identity of a known node.
+    pub(crate) fn id(&self, inode: &Inode) -> FileId {
+        if inode.nodeid & SYNTHETIC == 0 && inode.nodeid != ROOT {
+            FileId {
+                dev: self.root_dev,
+                ino: inode.nodeid,
+            }
+        } else {
+            lock(&self.inner).id(inode)
+        }
+    }
+
     /// Number of known inodes (root included).
     pub(crate) fn len(&self) -> usize {
         lock(&self.inner).by_node.len()
@@ -548,7 +570,7 @@ mod tests {
     }
 
     #[test]
-    fn a_known_inode_costs_at_most_170_bytes() {
+    fn a_known_inode_costs_at_most_150_bytes() {
         // The allocation of the `Arc` (two counters and the inode) plus the allocator's header,
         // rounded up to its 16-byte chunks, plus the table's bucket (a pointer and a control
         // byte) at the lowest load the table reaches (7/16 after it doubles).
@@ -559,19 +581,7 @@ mod tests {
             "Inode {} bytes, chunk {chunk}, bucket {bucket:.0}",
             std::mem::size_of::<Inode>()
         );
-        assert_eq!(chunk, 144);
-        assert!(chunk as f64 + bucket < 170.0, "{chunk} + {bucket}");
-    }
-
-    #[test]
-    fn device_numbers_survive_their_32_bit_form() {
-        for (major, minor) in [(0, 0), (8, 1), (253, 3), (259, 0x12345), (0xfff, 0xfffff)] {
-            let dev = libc::makedev(major, minor);
-            assert_eq!(
-                sys::decode_dev(sys::encode_dev(dev)),
-                dev,
-                "{major}:{minor}"
-            );
-        }
+        assert_eq!(chunk, 128);
+        assert!(chunk as f64 + bucket < 150.0, "{chunk} + {bucket}");
     }
 }

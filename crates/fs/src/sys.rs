@@ -94,19 +94,11 @@ pub(crate) fn fuse_attr(st: &Stat, nodeid: u64) -> FileAttr {
     }
 }
 
-/// `new_encode_dev` of the kernel: the 32-bit form FUSE carries, lossless (the kernel's `dev_t`
-/// has 12 bits of major and 20 of minor).
-pub(crate) fn encode_dev(dev: u64) -> u32 {
+/// `new_encode_dev` of the kernel: the 32-bit form FUSE carries.
+fn encode_dev(dev: u64) -> u32 {
     let major = libc::major(dev);
     let minor = libc::minor(dev);
     (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)
-}
-
-/// The inverse of [`encode_dev`].
-pub(crate) fn decode_dev(dev: u32) -> u64 {
-    let major = (dev & 0xfff00) >> 8;
-    let minor = (dev & 0xff) | ((dev >> 12) & 0xfff00);
-    libc::makedev(major, minor)
 }
 
 /// One directory entry of the backing directory.
