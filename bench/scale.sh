@@ -4,7 +4,8 @@
 # the replicated directory (the demo lab's node1, PRIM with node2 SECOND):
 #   1. create N empty files in D directories (W writers in parallel, `xargs touch`);
 #   2. `find | wc -l` of the tree, then `stat` of every file (`find -printf %s`), right after the
-#      creation as an application would (what the kernel cached is used: the targets);
+#      creation (and a `sync`) as an application would (what the kernel cached is used: the
+#      targets);
 #   3. the same two with the kernel's caches dropped before each ("cold": every entry is looked
 #      up again, one request each through FUSE; reported, no target);
 #   4. remove every file (W writers in parallel);
@@ -105,6 +106,9 @@ run_phases() {
     start=$(now)
     "${prefix[@]}" sh -c "cd $dir && $writers mkdir d\$d && (cd d\$d && seq 1 $per_dir | sed 's/^/f/' | xargs touch) || exit 1; $wait_all"
     FIG[$leg.create]=$(rate "$FILES" "$start")
+    # The creation's dirty metadata is written back before the next phase (on every leg), so
+    # that the kernel's writeback does not compete with the listing for this machine's CPUs.
+    sync
     local found suffix
     for suffix in "" _cold; do
         [ -z "$suffix" ] || echo 3 >/proc/sys/vm/drop_caches
